@@ -1,0 +1,1 @@
+//! comet-bench (placeholder; see DESIGN).

@@ -1,0 +1,1 @@
+//! comet-comm (placeholder; see DESIGN).

@@ -1,0 +1,1 @@
+//! comet-core (placeholder; see DESIGN).

@@ -1,0 +1,1 @@
+//! comet-kernels (placeholder; see DESIGN).

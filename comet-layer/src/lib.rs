@@ -1,0 +1,1 @@
+//! comet-layer (placeholder; see DESIGN).

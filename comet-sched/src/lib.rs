@@ -1,0 +1,1 @@
+//! comet-sched (placeholder; see DESIGN).
