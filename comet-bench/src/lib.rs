@@ -1,1 +1,24 @@
-//! comet-bench (placeholder; see DESIGN).
+//! # comet-bench
+//!
+//! The benchmark side of comet-rs: the `comet-bench` binary, its model-preset handling,
+//! and the reports (table, JSON, SVG chart) that `cargo xtask bench` prints and commits
+//! under `bench/results/`.
+//!
+//! What works now (no GPU needed):
+//! - [`probe`]: whether a CUDA driver and devices are present, without panicking when
+//!   `libcuda` is missing (`comet-bench devices`).
+//! - [`report`]: the rank-report schema the GPU benchmark will write, and gathering rank
+//!   reports into one table, results JSON and SVG chart (`comet-bench report`).
+//!
+//! Not yet: the GPU benchmark itself (`comet-bench run`, one process per GPU, the
+//! Sequential / Pipelined / Comet strategies of `comet-layer`) and `comet-bench check`
+//! (`.npy` interop with PyTorch). [`probe::GPU_BENCH`] says whether this build has the GPU
+//! path; until it does, `cargo xtask bench` runs the CPU reference and says so.
+
+#![warn(missing_docs)]
+
+mod error;
+pub mod probe;
+pub mod report;
+
+pub use error::{Error, Result};
