@@ -14,4 +14,5 @@ mod plan;
 mod topk;
 
 pub use plan::RoutingPlan;
+pub(crate) use plan::check_ids;
 pub use topk::{TopK, router_logits, softmax_row, top_k};

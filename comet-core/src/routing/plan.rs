@@ -120,31 +120,12 @@ impl RoutingPlan {
         let mut counts = Array2::<usize>::zeros((world, experts));
         let mut slot_rank = Vec::with_capacity(world);
         for (s, a) in ids.iter().enumerate() {
+            check_ids(*a, experts, s)?;
             let mut ranks = Vec::with_capacity(a.len());
-            for (t, row) in a.rows().into_iter().enumerate() {
-                for (j, &id) in row.iter().enumerate() {
-                    let e = id as usize;
-                    if e >= experts {
-                        return Err(Error::ExpertIdOutOfRange {
-                            rank: s,
-                            token: t,
-                            slot: j,
-                            id,
-                            experts,
-                        });
-                    }
-                    if let Some(first) = row.iter().take(j).position(|&o| o == id) {
-                        return Err(Error::DuplicateExpert {
-                            rank: s,
-                            token: t,
-                            id,
-                            first,
-                            second: j,
-                        });
-                    }
-                    ranks.push(counts[[s, e]]);
-                    counts[[s, e]] += 1;
-                }
+            for &id in a.iter() {
+                let e = id as usize;
+                ranks.push(counts[[s, e]]);
+                counts[[s, e]] += 1;
             }
             slot_rank.push(ranks);
         }
@@ -344,6 +325,36 @@ impl RoutingPlan {
         // Callers index `ids[s][[t, j]]` too, which panics for j >= k or t >= M_s.
         t * self.top_k + j
     }
+}
+
+/// Checks one rank's top-k ids: every id below `experts`, no id twice in a token.
+///
+/// # Errors
+/// [`Error::ExpertIdOutOfRange`] or [`Error::DuplicateExpert`], naming `rank`, token and slot.
+pub(crate) fn check_ids(ids: ArrayView2<u32>, experts: usize, rank: usize) -> Result<()> {
+    for (t, row) in ids.rows().into_iter().enumerate() {
+        for (j, &id) in row.iter().enumerate() {
+            if id as usize >= experts {
+                return Err(Error::ExpertIdOutOfRange {
+                    rank,
+                    token: t,
+                    slot: j,
+                    id,
+                    experts,
+                });
+            }
+            if let Some(first) = row.iter().take(j).position(|&o| o == id) {
+                return Err(Error::DuplicateExpert {
+                    rank,
+                    token: t,
+                    id,
+                    first,
+                    second: j,
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
