@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Runs on the GPU machine from the repository root: bash .gpu-hopper/run.sh
+# Writes logs and JSON under $OUT (or ./out-hopper). Every step has its own time limit so a
+# hang in one does not eat the others.
+set -u
+export NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
+D=$(cd "$(dirname "$0")" && pwd)
+O=${OUT:-$PWD/out-hopper}
+mkdir -p "$O"
+# cuBLAS 13: toolkit first, then python site-packages
+for p in /usr/local/cuda/lib64 /opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu13/lib \
+         /opt/torch/.venv/lib/python3.12/site-packages/nvidia/cublas/lib; do
+  [ -e "$p/libcublas.so.13" ] && export LD_LIBRARY_PATH="$p:${LD_LIBRARY_PATH:-}" && break
+done
+export PATH=/usr/local/cuda/bin:$PATH
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv > "$O/gpu.txt" 2>&1
+cat "$O/gpu.txt"
+STEPS=${STEPS:-"small full memcheck racecheck ncu"}
+for s in $STEPS; do
+  t0=$(date +%s)
+  case $s in
+    small) timeout 40 "$D/hopper_dev" --small > "$O/small.log" 2>&1; rc=$? ;;
+    full) timeout ${FULL_LIMIT:-130} "$D/hopper_dev" --iters ${ITERS:-20} --json "$O/hopper-gemm.json" > "$O/full.log" 2>&1; rc=$? ;;
+    memcheck) timeout 35 compute-sanitizer --tool memcheck --print-limit 20 "$D/hopper_dev" --small --only ${SAN_ONLY:-edge.} > "$O/memcheck.log" 2>&1; rc=$? ;;
+    racecheck) timeout 35 compute-sanitizer --tool racecheck --print-limit 20 "$D/hopper_dev" --small --only ${RACE_ONLY:-edge.fwd.ragged} > "$O/racecheck.log" 2>&1; rc=$? ;;
+    ncu) timeout 30 ncu --clock-control none --kernel-name regex:gg_kernel --launch-count 1 \
+           --section SpeedOfLight --section Occupancy --section LaunchStats \
+           "$D/hopper_dev" --only mixtral.gemm1 --no-timing > "$O/ncu.log" 2>&1; rc=$? ;;
+  esac
+  echo "== step $s: rc=$rc, $(( $(date +%s) - t0 )) s"
+  case $s in
+    small) grep -E "FAIL|OK:|failing|error|Error" "$O/small.log" | head -30 ;;
+    full) grep -E "FAIL|failing|error|Error|cuBLAS dense bf16" "$O/full.log" | head -20; sed -n '/^problem/,$p' "$O/full.log" ;;
+    memcheck|racecheck) grep -E "ERROR SUMMARY|Hazard|Invalid|error" "$O/$s.log" | head -12 ;;
+    ncu) grep -E "gg_kernel|Duration|Compute \(SM\) Throughput|Memory Throughput|DRAM Throughput|Registers|Achieved Occupancy|SM Frequency" "$O/ncu.log" | head -20 ;;
+  esac
+done

@@ -1,0 +1,106 @@
+// Compile-time configuration of the Hopper tile engine and the kernel argument block.
+#pragma once
+#include "ptx.cuh"
+
+namespace comet_sm90 {
+
+/// Operand layouts.
+enum : int {
+  /// out[rows, N] = A[rows, K] · B[e][N, K]ᵀ  (forward; both operands K-major)
+  MODE_FWD = 0,
+  /// out[rows, Kout] = A[rows, N] · B[e][N, Kout]  (dgrad; B is N-major, transposed in wgmma)
+  MODE_DGRAD = 1,
+  /// out[e][M, N] = A[rows_e, M]ᵀ · B[rows_e, N]  (wgrad; reduction over expert e's rows)
+  MODE_WGRAD = 2,
+};
+
+/// Epilogue activations (forward only).
+enum : int {
+  EPI_NONE = 0,
+  /// out[:, j] = silu(acc[:, j]) * acc[:, F + j]; B rows 0..F are the gate, F..2F the up
+  /// projection; the tile loads matching gate and up rows, so out has F columns.
+  EPI_SWIGLU = 1,
+  /// out = gelu_erf(acc)
+  EPI_GELU = 2,
+};
+
+/// Tile configuration.
+///  BN:       accumulator columns per tile (128 or 256).
+///  PINGPONG: false = cooperative (both consumer warpgroups share each 128-row tile, 64
+///            rows each); true = ping-pong (each consumer warpgroup owns alternate tiles, all
+///            128 rows, so one warpgroup's epilogue overlaps the other's mainloop; BN <= 128).
+///  STAGES:   depth of the shared-memory ring.
+///  BAND:     m-tiles per raster band (L2 reuse of A across n-tiles).
+template <int MODE_, int BN_, bool PINGPONG_, int STAGES_, int EPI_, bool IN_F16_ = false,
+          bool OUT_F16_ = false, int BAND_ = 16>
+struct Config {
+  static constexpr int MODE = MODE_;
+  static constexpr int BM = 128;
+  static constexpr int BN = BN_;
+  static constexpr int BK = 64;
+  static constexpr bool PINGPONG = PINGPONG_;
+  static constexpr int STAGES = STAGES_;
+  static constexpr int EPI = EPI_;
+  static constexpr bool IN_F16 = IN_F16_;
+  static constexpr bool OUT_F16 = OUT_F16_;
+  static constexpr int BAND = BAND_;
+  static constexpr bool KGROUPED = MODE == MODE_WGRAD;
+  static constexpr bool A_MN = MODE == MODE_WGRAD;  // A stored M-major in shared memory
+  static constexpr bool B_MN = MODE != MODE_FWD;    // B stored N-major in shared memory
+
+  static constexpr int THREADS = 384;  // producer warpgroup + 2 consumer warpgroups
+  static constexpr int MW = PINGPONG ? 2 : 1;  // m64 blocks per consumer warpgroup
+  static constexpr int ACC_N = BN / 2;         // f32 accumulators per thread per m64 block
+  static constexpr int OUT_BN = EPI == EPI_SWIGLU ? BN / 2 : BN;  // output columns per tile
+  static constexpr int EMPTY_ARRIVALS = PINGPONG ? 4 : 8;  // one per consuming warp
+
+  static constexpr int A_STAGE_BYTES = BM * BK * 2;
+  static constexpr int B_STAGE_BYTES = BN * BK * 2;
+  static constexpr int STAGE_BYTES = A_STAGE_BYTES + B_STAGE_BYTES;
+  static constexpr int EPI_PITCH = (64 + 8) * 2;  // bytes per staged row (padded: no bank conflicts)
+  static constexpr int EPI_WG_BYTES = 64 * EPI_PITCH;
+
+  // Shared-memory layout, relative to a 1024-byte aligned base.
+  static constexpr int OFF_A = 0;
+  static constexpr int OFF_B = OFF_A + STAGES * A_STAGE_BYTES;
+  static constexpr int OFF_EPI = OFF_B + STAGES * B_STAGE_BYTES;
+  static constexpr int OFF_BAR = OFF_EPI + 2 * EPI_WG_BYTES;
+  static constexpr int OFF_SCHED = OFF_BAR + 16 * STAGES;
+  /// Dynamic shared memory to request for `num_experts` experts (1 KiB alignment slack).
+  static constexpr int smem_bytes(int num_experts) {
+    return 1024 + OFF_SCHED + 8 * (num_experts + 1);
+  }
+
+  static_assert(BN == 128 || BN == 256, "BN must be 128 or 256");
+  static_assert(!PINGPONG || BN <= 128, "ping-pong keeps 128 rows per warpgroup: BN <= 128");
+  static_assert(EPI == EPI_NONE || MODE == MODE_FWD, "activations are forward-only");
+  static_assert(OUT_BN % 64 == 0, "epilogue works in 64-column chunks");
+};
+
+/// Kernel argument block (mirrored by the Rust launcher: keep the layout in sync).
+/// Forward:  a = 2D map over A [rows, K], box {64, 128};
+///           b = 4D map over B viewed as [E][P][Nh][K] (P = 2 halves for SwiGLU, else 1),
+///               dims {K, Nh, P, E}, box {64, BN/2, 1, 1}.
+/// Dgrad:    a = 2D map over A [rows, N], box {64, 128};
+///           b = 3D map over B [E][N][Kout], dims {Kout, N, E}, box {64, 64, 1}.
+/// Wgrad:    a = 2D map over A [rows, M] (M = m_out), box {64, 64};
+///           b = 2D map over B [rows, N] (N = n_out), box {64, 64};
+///           out = [E][m_out][ldo].
+/// All maps: bf16/f16, 128-byte swizzle, zero fill out of bounds.
+struct GroupedGemmArgs {
+  TmaDesc a;
+  TmaDesc b;
+  void* out;                   ///< output rows, ldo elements apart (16-byte aligned)
+  const int* expert_offsets;   ///< [E + 1] row offsets (device), non-decreasing
+  const float* row_scale;      ///< optional [rows] factor per output row (forward/dgrad)
+  const int* tile_order;       ///< optional processing order (canonical tile ids)
+  int* error_flag;             ///< optional; receives the first ERR_* code
+  int num_experts;
+  int n_out;                   ///< output columns
+  int ldo;                     ///< output row stride in elements (multiple of 8)
+  int k;                       ///< reduction length (forward/dgrad)
+  int m_out;                   ///< wgrad: output rows per expert
+  int reserved;
+};
+
+}  // namespace comet_sm90

@@ -1,0 +1,100 @@
+// Epilogue: f32 accumulators -> optional activation (SwiGLU / GeLU) -> optional per-row
+// scale -> bf16/f16, staged through a padded shared-memory tile of 64 rows x 64 columns per
+// warpgroup, then written with 16-byte stores. Rows past the tile's valid rows (an expert's
+// end) and columns past n_out are never written.
+#pragma once
+#include "config.cuh"
+#include "scheduler.cuh"
+
+namespace comet_sm90 {
+
+__device__ __forceinline__ float silu_f(float g) { return g / (1.0f + __expf(-g)); }
+__device__ __forceinline__ float gelu_erf_f(float x) {
+  return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f));
+}
+
+template <class C>
+__device__ __forceinline__ u32 pack_out(float lo, float hi) {
+  return C::OUT_F16 ? pack_f16x2(lo, hi) : pack_bf16x2(lo, hi);
+}
+
+/// Writes this warpgroup's part of tile t.
+///  acc:      MW m64 blocks of accumulators (fragment layout, see wgmma.cuh)
+///  row0:     global output row of this warpgroup's first row
+///  rows_wg:  valid rows from row0 (<= 64 * MW; <= 0 writes nothing)
+///  stage:    this warpgroup's staging buffer (C::EPI_WG_BYTES of shared memory)
+///  wtid:     thread index in the warpgroup; bar_id: the warpgroup's named barrier
+template <class C>
+__device__ __forceinline__ void epilogue_store(const float (&acc)[C::MW][C::ACC_N],
+                                               const GroupedGemmArgs& g, const Tile& t,
+                                               int row0, int rows_wg, u32 stage, int wtid,
+                                               int bar_id) {
+  const int warp = wtid / 32;
+  const int lane = wtid % 32;
+  const int r_lo = 16 * warp + lane / 4;  // fragment rows r_lo, r_lo + 8 of each m64 block
+  const int cpair = 2 * (lane % 4);
+  char* out = reinterpret_cast<char*>(g.out);
+  const int col_tile = t.n_block * C::OUT_BN;
+#pragma unroll
+  for (int mb = 0; mb < C::MW; ++mb) {
+    const int rows_blk = rows_wg - 64 * mb;
+    if (rows_blk <= 0) break;
+    const int grow0 = row0 + 64 * mb;
+    float s0 = 1.0f, s1 = 1.0f;
+    if (g.row_scale != nullptr) {
+      if (r_lo < rows_blk) s0 = g.row_scale[grow0 + r_lo];
+      if (r_lo + 8 < rows_blk) s1 = g.row_scale[grow0 + r_lo + 8];
+    }
+#pragma unroll
+    for (int chunk = 0; chunk < C::OUT_BN / 64; ++chunk) {
+      // 1. fragment -> staging (bf16x2 per store; 144-byte pitch: conflict-free)
+#pragma unroll
+      for (int jj = 0; jj < 8; ++jj) {
+        const int j = chunk * 8 + jj;  // 8-column group in the accumulator
+        float v[4];
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          float x = acc[mb][4 * j + q];
+          if (C::EPI == EPI_SWIGLU) x = silu_f(x) * acc[mb][4 * j + q + C::ACC_N / 2];
+          if (C::EPI == EPI_GELU) x = gelu_erf_f(x);
+          v[q] = x;
+        }
+        const int col = 8 * jj + cpair;
+        st_shared_u32(stage + r_lo * C::EPI_PITCH + col * 2, pack_out<C>(v[0] * s0, v[1] * s0));
+        st_shared_u32(stage + (r_lo + 8) * C::EPI_PITCH + col * 2,
+                      pack_out<C>(v[2] * s1, v[3] * s1));
+      }
+      named_barrier_sync(bar_id, 128);
+      // 2. staging -> global: 64 rows x 8 chunks of 16 bytes, 4 per thread, a row per 8 lanes
+#pragma unroll
+      for (int it = 0; it < 4; ++it) {
+        const int id = wtid + 128 * it;
+        const int row = id / 8;
+        const int c16 = id % 8;
+        const int gcol = col_tile + chunk * 64 + c16 * 8;
+        if (row < rows_blk && gcol < g.n_out) {
+          u32 x0, x1, x2, x3;
+          ld_shared_v4(stage + row * C::EPI_PITCH + c16 * 16, x0, x1, x2, x3);
+          char* dst = out + ((long long)(grow0 + row) * g.ldo + gcol) * 2;
+          if (gcol + 8 <= g.n_out) {
+            st_global_v4(dst, x0, x1, x2, x3);
+          } else {
+            // Ragged right edge (n_out not a multiple of 8): element stores.
+            const int n = g.n_out - gcol;
+#pragma unroll
+            for (int e = 0; e < 7; ++e) {
+              if (e < n) {
+                const u32 w = e < 2 ? x0 : e < 4 ? x1 : e < 6 ? x2 : x3;
+                const unsigned short h = (unsigned short)(w >> (16 * (e % 2)));
+                asm volatile("st.global.b16 [%0], %1;" ::"l"(dst + 2 * e), "h"(h) : "memory");
+              }
+            }
+          }
+        }
+      }
+      named_barrier_sync(bar_id, 128);
+    }
+  }
+}
+
+}  // namespace comet_sm90

@@ -1,0 +1,97 @@
+// Persistent, warp-specialised grouped GEMM for Hopper (sm_90a): TMA + wgmma.
+//
+// Block: 384 threads = producer warpgroup (one thread issues TMA; 40 registers) + two
+// consumer warpgroups (wgmma + epilogue; 232 registers). Grid: one CTA per SM (persistent);
+// tiles come from GroupedScheduler, whose order may be supplied as data and whose producer
+// waits on Hook::wait(tile) before loading a tile.
+//
+// Usage from a kernel (nvcc or NVRTC):
+//   extern "C" __global__ void __launch_bounds__(384, 1)
+//   my_kernel(const __grid_constant__ comet_sm90::GroupedGemmArgs g,
+//             const __grid_constant__ comet_sm90::NoWait hook) {
+//     comet_sm90::grouped_gemm<MyConfig>(g, hook);
+//   }
+// launched with C::smem_bytes(num_experts) bytes of dynamic shared memory.
+#pragma once
+#include "config.cuh"
+#include "epilogue.cuh"
+#include "mainloop.cuh"
+#include "scheduler.cuh"
+
+namespace comet_sm90 {
+
+template <class C, class Hook>
+__device__ __forceinline__ void grouped_gemm(const GroupedGemmArgs& g, const Hook& hook) {
+  extern __shared__ unsigned char comet_sm90_smem[];
+  const u32 raw = smem_addr(comet_sm90_smem);
+  const u32 base = (raw + 1023u) & ~1023u;
+  unsigned char* gbase = comet_sm90_smem + (base - raw);
+  int* s_off = reinterpret_cast<int*>(gbase + C::OFF_SCHED);
+  int* s_pref = s_off + (g.num_experts + 1);
+  const Ring<C> ring{base};
+  using Sched = GroupedScheduler<C::BM, C::BAND, C::KGROUPED>;
+
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < C::STAGES; ++s) {
+      mbar_init(ring.full(s), 1);
+      mbar_init(ring.empty(s), C::EMPTY_ARRIVALS);
+    }
+    mbar_init_fence();
+  }
+  if (threadIdx.x == 32) {
+    tma_prefetch_desc(&g.a);
+    tma_prefetch_desc(&g.b);
+  }
+  const int n_tiles = (g.n_out + C::OUT_BN - 1) / C::OUT_BN;
+  Sched sched = Sched::setup(s_off, s_pref, g.expert_offsets, g.num_experts, n_tiles, g.m_out,
+                             g.k, g.tile_order, g.error_flag);
+  __syncthreads();
+  sched.finish();
+
+  // Broadcast from lane 0 so the compiler knows the role is warp-uniform (wgmma in a
+  // possibly divergent path gets serialised: ptxas C7520).
+  const int wg = __shfl_sync(0xffffffffu, (int)(threadIdx.x / 128), 0);
+  if (wg == 0) {
+    setmaxnreg_dec<40>();
+    if (threadIdx.x == 0) producer_loop<C>(g, sched, ring, hook);
+    return;
+  }
+  setmaxnreg_inc<232>();
+  const int cw = wg - 1;                 // consumer warpgroup 0 / 1
+  const int wtid = threadIdx.x - 128 * wg;  // thread in the warpgroup
+  const int ctid = threadIdx.x - 128;       // thread among both consumer warpgroups
+  const u32 stage = base + C::OFF_EPI + cw * C::EPI_WG_BYTES;
+  RingPos pos{0, 0};
+  int seq = 0;
+  for (int slot = blockIdx.x; slot < sched.total; slot += gridDim.x) {
+    Tile t;
+    const bool valid = __shfl_sync(0xffffffffu, (int)sched.tile(slot, t), 0) != 0;
+    if (!valid) continue;
+    make_warp_uniform(t);
+    if (C::PINGPONG) {
+      const bool mine = (seq & 1) == cw;
+      ++seq;
+      if (!mine) {  // the other warpgroup's tile: skip its stages
+        pos.template advance<C::STAGES>((t.k_len + C::BK - 1) / C::BK);
+        continue;
+      }
+      // Mainloops alternate strictly (ordering barriers 4: wg0 -> wg1, 5: wg1 -> wg0), so a
+      // warpgroup starts waiting on its tile's stages only after the other one has passed
+      // all waits of the previous tile: no wait is ever more than one phase ahead (parity
+      // waits would pass spuriously otherwise). Its epilogue then overlaps the other's math.
+      if (cw == 1 || seq > 1) named_barrier_sync(cw == 0 ? 5 : 4, 256);
+      float acc[C::MW][C::ACC_N];
+      const int active = t.rows > 64 ? 2 : 1;
+      consumer_mainloop<C>(acc, ring, pos, t, 0, active, wtid, 1 + cw, 128);
+      if (sched.has_tile_after(slot)) named_barrier_arrive(cw == 0 ? 4 : 5, 256);
+      epilogue_store<C>(acc, g, t, t.row_begin, t.rows, stage, wtid, 1 + cw);
+    } else {
+      float acc[C::MW][C::ACC_N];
+      const int rows_wg = t.rows - 64 * cw;
+      consumer_mainloop<C>(acc, ring, pos, t, cw, rows_wg > 0 ? 1 : 0, ctid, 3, 256);
+      epilogue_store<C>(acc, g, t, t.row_begin + 64 * cw, rows_wg, stage, wtid, 1 + cw);
+    }
+  }
+}
+
+}  // namespace comet_sm90

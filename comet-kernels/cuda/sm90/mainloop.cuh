@@ -1,0 +1,215 @@
+// Warp-specialised mainloop: one producer thread issues TMA loads into a STAGES-deep ring of
+// shared-memory stages (full/empty mbarrier pairs); consumer warpgroups issue wgmma on them.
+//
+// Ring protocol (per stage s, phase bit toggling each time the ring wraps):
+//   producer: wait empty[s] (parity ^ 1) -> arrive.expect_tx full[s] -> TMA loads on full[s]
+//   consumer: wait full[s] (parity) -> wgmma -> after the wgmma reading s completed, lane 0
+//             of every consuming warp arrives on empty[s].
+// Every role walks the same tile sequence and each tile consumes ceil(k_len / 64) stages, so
+// ring positions agree without any other communication.
+#pragma once
+#include "config.cuh"
+#include "scheduler.cuh"
+#include "wgmma.cuh"
+
+namespace comet_sm90 {
+
+/// Position in the ring.
+struct RingPos {
+  int stage;
+  u32 phase;
+  template <int STAGES>
+  __device__ __forceinline__ void advance(int n) {
+    const int s = stage + n;
+    const int wraps = s / STAGES;
+    stage = s - wraps * STAGES;
+    phase ^= (u32)(wraps & 1);
+  }
+};
+
+/// Shared-memory addresses of the ring.
+template <class C>
+struct Ring {
+  u32 base;  // 1024-aligned
+  __device__ __forceinline__ u32 a(int s) const { return base + C::OFF_A + s * C::A_STAGE_BYTES; }
+  __device__ __forceinline__ u32 b(int s) const { return base + C::OFF_B + s * C::B_STAGE_BYTES; }
+  __device__ __forceinline__ u32 full(int s) const { return base + C::OFF_BAR + 8 * s; }
+  __device__ __forceinline__ u32 empty(int s) const {
+    return base + C::OFF_BAR + 8 * C::STAGES + 8 * s;
+  }
+};
+
+template <int POLICY>
+__device__ __forceinline__ u64 make_policy() {
+  if (POLICY == 1) return l2_policy_evict_first();
+  if (POLICY == 2) return l2_policy_evict_last();
+  u64 p;
+  asm volatile("createpolicy.fractional.L2::evict_normal.b64 %0, 1.0;" : "=l"(p));
+  return p;
+}
+
+/// Issues the TMA loads of k-block `kb` of tile `t` into stage `s` (one thread).
+template <class C>
+__device__ __forceinline__ void load_stage(const GroupedGemmArgs& g, const Ring<C>& ring,
+                                           int s, const Tile& t, int kb, u64 pol_a,
+                                           u64 pol_b) {
+  const u32 bar = ring.full(s);
+  mbar_arrive_expect_tx(bar, C::STAGE_BYTES);
+  const u32 sa = ring.a(s);
+  const u32 sb = ring.b(s);
+  if (C::MODE == MODE_FWD) {
+    const int kc = kb * C::BK;
+    tma_load_2d(sa, &g.a, bar, kc, t.row_begin, pol_a);
+    constexpr int BH = C::BN / 2;
+    if (C::EPI == EPI_SWIGLU) {
+      tma_load_4d(sb, &g.b, bar, kc, t.n_block * BH, 0, t.expert, pol_b);
+      tma_load_4d(sb + BH * 128, &g.b, bar, kc, t.n_block * BH, 1, t.expert, pol_b);
+    } else {
+      tma_load_4d(sb, &g.b, bar, kc, t.n_block * C::BN, 0, t.expert, pol_b);
+      tma_load_4d(sb + BH * 128, &g.b, bar, kc, t.n_block * C::BN + BH, 0, t.expert, pol_b);
+    }
+  } else if (C::MODE == MODE_DGRAD) {
+    const int kc = kb * C::BK;
+    tma_load_2d(sa, &g.a, bar, kc, t.row_begin, pol_a);
+#pragma unroll
+    for (int j = 0; j < C::BN / 64; ++j) {
+      tma_load_3d(sb + j * 8192, &g.b, bar, t.n_block * C::BN + 64 * j, kc, t.expert, pol_b);
+    }
+  } else {  // MODE_WGRAD: reduction over rows k_begin + kb*64 ..
+    const int kr = t.k_begin + kb * C::BK;
+    const int m0 = t.m_block * C::BM;
+#pragma unroll
+    for (int j = 0; j < 2; ++j) tma_load_2d(sa + j * 8192, &g.a, bar, m0 + 64 * j, kr, pol_a);
+#pragma unroll
+    for (int j = 0; j < C::BN / 64; ++j) {
+      tma_load_2d(sb + j * 8192, &g.b, bar, t.n_block * C::BN + 64 * j, kr, pol_b);
+    }
+  }
+}
+
+/// Producer: one thread walks this CTA's tiles and fills the ring.
+/// `Hook::wait(tile)` runs before a tile's first load (false = timed out: the error flag is
+/// set and the tile proceeds, so consumers never hang).
+template <class C, class Sched, class Hook>
+__device__ __forceinline__ void producer_loop(const GroupedGemmArgs& g, const Sched& sched,
+                                              const Ring<C>& ring, const Hook& hook) {
+  const u64 pol_a = make_policy<0>();
+  const u64 pol_b = make_policy<0>();
+  RingPos pos{0, 0};
+  for (int slot = blockIdx.x; slot < sched.total; slot += gridDim.x) {
+    Tile t;
+    if (!sched.tile(slot, t)) continue;
+    if (!hook.wait(t)) report_error(g.error_flag, ERR_HOOK_TIMEOUT);
+    const int kbs = (t.k_len + C::BK - 1) / C::BK;
+    for (int kb = 0; kb < kbs; ++kb) {
+      mbar_wait(ring.empty(pos.stage), pos.phase ^ 1u);
+      load_stage<C>(g, ring, pos.stage, t, kb, pol_a, pol_b);
+      pos.template advance<C::STAGES>(1);
+    }
+  }
+}
+
+/// wgmma descriptors of stage s for m64 block `ablk` of A and all of B, k16 step kk.
+template <class C>
+__device__ __forceinline__ u64 desc_a(const Ring<C>& ring, int s, int ablk, int kk) {
+  const u32 addr = ring.a(s) + ablk * 8192;
+  if (C::A_MN) return smem_desc_mnmajor_sw128(addr + kk * 2048, 8192, 1024);
+  return smem_desc_kmajor_sw128(addr + kk * 32);
+}
+template <class C>
+__device__ __forceinline__ u64 desc_b(const Ring<C>& ring, int s, int kk) {
+  const u32 addr = ring.b(s);
+  if (C::B_MN) return smem_desc_mnmajor_sw128(addr + kk * 2048, 8192, 1024);
+  return smem_desc_kmajor_sw128(addr + kk * 32);
+}
+
+/// K-grouped tail: rows >= valid of stage s hold another expert's data; zero them in both
+/// operands (generic stores, then a proxy fence so wgmma sees them). Called by every thread
+/// that consumes the stage; `nthreads` of them, `tid` in [0, nthreads).
+template <class C>
+__device__ __forceinline__ void zero_tail_rows(const Ring<C>& ring, int s, int valid, int tid,
+                                               int nthreads) {
+  constexpr int BLOCKS = 2 + C::BN / 64;  // 8 KiB blocks of 64 rows x 128 bytes
+  const int rows = 64 - valid;
+  const int chunks = BLOCKS * rows * 8;  // 16-byte chunks to clear
+  for (int i = tid; i < chunks; i += nthreads) {
+    const int blk = i / (rows * 8);
+    const int rem = i - blk * rows * 8;
+    const int row = valid + rem / 8;
+    const int c16 = rem % 8;
+    const u32 addr = (blk < 2 ? ring.a(s) + blk * 8192 : ring.b(s) + (blk - 2) * 8192) +
+                     row * 128 + c16 * 16;
+    asm volatile("st.shared.v4.b32 [%0], {%1, %1, %1, %1};" ::"r"(addr), "r"(0) : "memory");
+  }
+  fence_proxy_async_smem();
+}
+
+/// Consumer mainloop for one tile: accumulates acc[mb] (m64 block mb of this warpgroup's
+/// rows) over the tile's k-blocks. `ablk0` is the first A block this warpgroup reads,
+/// `mblocks_active` how many of its MW m64 blocks hold valid rows (0 = wait/release only).
+/// `bar_id`/`bar_threads`: the named barrier among the threads consuming a stage (used by
+/// the K-grouped tail).
+template <class C>
+__device__ __forceinline__ void consumer_mainloop(float (&acc)[C::MW][C::ACC_N],
+                                                  const Ring<C>& ring, RingPos& pos,
+                                                  const Tile& t, int ablk0, int mblocks_active,
+                                                  int ctid, int bar_id, int bar_threads) {
+  const int kbs = (t.k_len + C::BK - 1) / C::BK;
+  const u32 lane = threadIdx.x % 32;
+  int prev = 0;
+  for (int kb = 0; kb < kbs; ++kb) {
+    mbar_wait(ring.full(pos.stage), pos.phase);
+    if (C::KGROUPED) {
+      const int valid = t.k_len - kb * C::BK;
+      if (valid < C::BK) {
+        zero_tail_rows<C>(ring, pos.stage, valid, ctid, bar_threads);
+        named_barrier_sync(bar_id, bar_threads);
+      }
+    }
+    // Each branch holds its own fence ... wait so that no wgmma sits behind a branch after
+    // its fence (ptxas would inject extra warpgroup.arrive instructions: C7519).
+    if (mblocks_active >= C::MW) {
+      wgmma_fence();
+#pragma unroll
+      for (int mb = 0; mb < C::MW; ++mb) {
+#pragma unroll
+        for (int kk = 0; kk < C::BK / 16; ++kk) {
+          Wgmma<C::BN, C::IN_F16, C::A_MN ? 1 : 0, C::B_MN ? 1 : 0>::mma(
+              acc[mb], desc_a<C>(ring, pos.stage, ablk0 + mb, kk),
+              desc_b<C>(ring, pos.stage, kk), (kb | kk) != 0);
+        }
+      }
+      wgmma_commit();
+      wgmma_wait<1>();
+    } else if (C::MW > 1 && mblocks_active >= 1) {  // ping-pong tile with <= 64 valid rows
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < C::BK / 16; ++kk) {
+        Wgmma<C::BN, C::IN_F16, C::A_MN ? 1 : 0, C::B_MN ? 1 : 0>::mma(
+            acc[0], desc_a<C>(ring, pos.stage, ablk0, kk), desc_b<C>(ring, pos.stage, kk),
+            (kb | kk) != 0);
+      }
+      wgmma_commit();
+      wgmma_wait<1>();
+    }
+    if (kb > 0 && lane == 0) mbar_arrive(ring.empty(prev));
+    prev = pos.stage;
+    pos.template advance<C::STAGES>(1);
+  }
+  wgmma_wait<0>();
+#pragma unroll
+  for (int mb = 0; mb < C::MW; ++mb) {
+#pragma unroll
+    for (int i = 0; i < C::ACC_N; ++i) reg_fence(acc[mb][i]);
+  }
+  if (kbs > 0 && lane == 0) mbar_arrive(ring.empty(prev));
+  if (kbs == 0) {  // empty reduction (expert with no rows): the product is zero
+#pragma unroll
+    for (int mb = 0; mb < C::MW; ++mb) {
+#pragma unroll
+      for (int i = 0; i < C::ACC_N; ++i) acc[mb][i] = 0.f;
+    }
+  }
+}
+
+}  // namespace comet_sm90
