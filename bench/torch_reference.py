@@ -48,15 +48,44 @@ OUTPUT_TENSORS = ("y", "dx", "dwr", "dw0", "dw1")
 FORWARD_TENSORS = ("y",)
 PHASES = ("routing", "dispatch", "experts", "combine")
 
-# Model presets: (hidden, ffn, experts, top_k, activation, renormalize). Shapes from DESIGN.md;
-# activation/renormalisation follow each model's router as closely as softmax top-k allows
-# (INTEROP.md, "Presets"). comet-bench must use the same table.
+# Model presets: (hidden, ffn, experts, top_k, activation, renormalize), keyed by the canonical
+# names of comet-core's `Preset` (the JSON "preset" field uses them). Shapes from DESIGN.md;
+# renormalisation as comet-core's `Preset::renormalize` (all but Qwen2-MoE). INTEROP.md, "Presets".
 PRESETS = {
-    "mixtral": dict(hidden=4096, ffn=14336, experts=8, top_k=2, activation="swiglu", renormalize=True),
-    "qwen2-moe": dict(hidden=2048, ffn=1408, experts=64, top_k=4, activation="swiglu", renormalize=False),
-    "phi3.5-moe": dict(hidden=4096, ffn=6400, experts=16, top_k=2, activation="swiglu", renormalize=True),
+    "mixtral-8x7b": dict(hidden=4096, ffn=14336, experts=8, top_k=2, activation="swiglu", renormalize=True),
+    "qwen2-moe-2.7b": dict(hidden=2048, ffn=1408, experts=64, top_k=4, activation="swiglu", renormalize=False),
+    "phi-3.5-moe": dict(hidden=4096, ffn=6400, experts=16, top_k=2, activation="swiglu", renormalize=True),
     "deepseek-v3": dict(hidden=7168, ffn=2048, experts=256, top_k=8, activation="swiglu", renormalize=True),
 }
+# Accepted spellings, compared after lower-casing and dropping all but letters and digits
+# (the same aliases as comet-core's `Preset::from_str`).
+_PRESET_ALIASES = {
+    "mixtral": "mixtral-8x7b",
+    "mixtral8x7b": "mixtral-8x7b",
+    "qwen": "qwen2-moe-2.7b",
+    "qwen2": "qwen2-moe-2.7b",
+    "qwen2moe": "qwen2-moe-2.7b",
+    "qwen2moe27b": "qwen2-moe-2.7b",
+    "qwen15moe": "qwen2-moe-2.7b",
+    "qwen15moea27b": "qwen2-moe-2.7b",
+    "phi": "phi-3.5-moe",
+    "phi35": "phi-3.5-moe",
+    "phi35moe": "phi-3.5-moe",
+    "phimoe": "phi-3.5-moe",
+    "deepseek": "deepseek-v3",
+    "deepseekv3": "deepseek-v3",
+    "dsv3": "deepseek-v3",
+    "custom": "custom",
+}
+
+
+def canonical_preset(name: str) -> str:
+    """`mixtral`, `Mixtral-8x7B`, `phi3.5-moe`, ... → the canonical preset name (or 'custom')."""
+    key = "".join(c for c in name.lower() if c.isascii() and c.isalnum())
+    if key not in _PRESET_ALIASES:
+        raise InteropError(f"preset {name!r} unknown (known: {', '.join(PRESETS)}, custom)")
+    return _PRESET_ALIASES[key]
+
 SHAPE_KEYS = ("hidden", "ffn", "experts", "top_k", "activation", "renormalize")
 
 
@@ -215,12 +244,8 @@ def validate_config(cfg) -> None:
 
 def shape_from_args(args):
     """The layer shape from --preset plus any --hidden/--ffn/... overrides."""
-    if args.preset == "custom":
-        base = {}
-    elif args.preset in PRESETS:
-        base = dict(PRESETS[args.preset])
-    else:
-        raise InteropError(f"preset {args.preset!r} unknown (known: {', '.join(PRESETS)}, custom)")
+    args.preset = canonical_preset(args.preset)
+    base = {} if args.preset == "custom" else dict(PRESETS[args.preset])
     for key in SHAPE_KEYS:
         v = getattr(args, key, None)
         if v is not None:
@@ -236,7 +261,11 @@ def shape_from_args(args):
 
 
 def add_shape_args(p) -> None:
-    p.add_argument("--preset", default="mixtral", help=f"{', '.join(PRESETS)} or custom")
+    p.add_argument(
+        "--preset",
+        default="mixtral",
+        help=f"{', '.join(PRESETS)} (short forms: mixtral, qwen2-moe, phi3.5-moe, dsv3) or custom",
+    )
     p.add_argument("--hidden", type=int, help="override hidden size H")
     p.add_argument("--ffn", type=int, help="override ffn size F")
     p.add_argument("--experts", type=int, help="override expert count E")
@@ -455,8 +484,9 @@ def load_inputs(d: str):
     return cfg, arrays
 
 
-def run_reference(cfg, arrays, device: str, dtype: str):
-    """Forward + backward of the layer; returns a dict of output tensors (CPU, f32 / int32)."""
+def run_reference(cfg, arrays, device: str, dtype: str, to_cpu: bool = True):
+    """Forward + backward of the layer; returns a dict of output tensors (f32 / int32), on the
+    CPU unless `to_cpu` is false."""
     cdt = torch.float32 if dtype == "f32" else torch.bfloat16
     dev = torch.device(device)
     x = arrays["x"].to(dev, cdt).requires_grad_()
@@ -470,15 +500,16 @@ def run_reference(cfg, arrays, device: str, dtype: str):
     def grad(t):
         return t.grad if t.grad is not None else torch.zeros_like(t)
 
-    return {
-        "y": y.detach().float().cpu(),
-        "dx": grad(x).float().cpu(),
-        "dwr": grad(wr).float().cpu(),
-        "dw0": grad(w0).float().cpu(),
-        "dw1": grad(w1).float().cpu(),
-        "topk_ids": ids.to(torch.int32).cpu(),
-        "topk_weights": w.detach().float().cpu(),
+    out = {
+        "y": y.detach().float(),
+        "dx": grad(x).float(),
+        "dwr": grad(wr).float(),
+        "dw0": grad(w0).float(),
+        "dw1": grad(w1).float(),
+        "topk_ids": ids.to(torch.int32),
+        "topk_weights": w.detach().float(),
     }
+    return {n: t.cpu() for n, t in out.items()} if to_cpu else out
 
 
 def set_exact_f32() -> None:
@@ -865,12 +896,11 @@ def _check_layer(layer, shape, M, device, dtype, seed, world, rank, group, tol, 
     ok_t = torch.zeros((1,), device=device)
     rows = []
     if rank == 0:
-        cfg = dict(shape)
-        arrays = {n: inputs[n].cpu() for n in ("x", "dy", "w0", "w1")}
-        arrays["wr"] = layer.wr.detach().float().cpu()
-        ref = run_reference(cfg, arrays, str(device), "f32")
-        ok, rows = compare_outputs({k: v.cpu() for k, v in got.items()}, ref, tol, max_route_mismatch, False)
+        arrays = dict(inputs, wr=layer.wr.detach().float())
+        ref = run_reference(dict(shape), arrays, str(device), "f32", to_cpu=False)
+        ok, rows = compare_outputs(got, ref, tol, max_route_mismatch, False)
         ok_t.fill_(1.0 if ok else 0.0)
+        del ref
     dist.broadcast(ok_t, 0, group=group)
     for t in (layer.wr, layer.w0, layer.w1):
         t.grad = None
@@ -967,7 +997,18 @@ def _bench_body(args, shape, world, rank, device, dtype, group, backend) -> int:
     }
 
     # Correctness first: EP layer vs the f32 reference on gathered inputs.
-    if args.check:
+    if args.check or args.check_only:
+        if device.type == "cuda":
+            # Rank 0 holds every expert in f32 several times (gathered weights and grads, the
+            # reference's grads, f64 temporaries of the comparison): refuse before an OOM.
+            need = 5 * 4 * E * (N0 * H + H * Fd) + 64 * args.check_tokens * world * (H + N0) * k
+            total = torch.cuda.get_device_properties(device).total_memory
+            if need > 0.8 * total:
+                raise InteropError(
+                    f"--check on this shape needs ~{need / 2**30:.0f} GiB on rank 0, over 80% of the GPU's "
+                    f"{total / 2**30:.0f} GiB: check a reduced expert count instead (e.g. --check-only --experts "
+                    f"{max(world, 32 // world * world)})"
+                )
         ok, rows = _check_layer(
             layer, shape, args.check_tokens, device, dtype, args.seed, world, rank, group, args.tol, 1e-3
         )
@@ -976,10 +1017,10 @@ def _bench_body(args, shape, world, rank, device, dtype, group, backend) -> int:
             print(format_table(rows, args.tol))
             print("check PASS" if ok else "check FAIL")
         record["check"] = {"ok": ok, "tokens_per_rank": args.check_tokens, "tol": args.tol, "rows": rows}
-        if not ok:
+        if not ok or args.check_only:
             if rank == 0 and args.json:
                 _write_json(args.json, record)
-            return 1
+            return 0 if ok else 1
 
     # Dense GEMM rate on every rank, same run.
     dense_n = args.dense_n if args.dense_n else (8192 if device.type == "cuda" else 512)
@@ -1144,6 +1185,7 @@ def build_parser():
     b.add_argument("--dense-n", type=int, default=0, help="dense GEMM size (default 8192 on cuda, 512 on cpu)")
     b.add_argument("--no-grouped-mm", action="store_true", help="force the per-expert matmul loop")
     b.add_argument("--check", action="store_true", help="first verify the EP layer against the f32 reference")
+    b.add_argument("--check-only", action="store_true", help="verify (as --check) and stop before timing")
     b.add_argument("--check-tokens", type=int, default=256, help="tokens per rank for --check")
     b.add_argument("--tol", type=float, default=1e-2, help="rel L2 tolerance for --check")
     b.add_argument("--port", type=int, default=29517, help="rendezvous port for a plain (non-torchrun) run")

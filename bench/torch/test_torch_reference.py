@@ -421,6 +421,34 @@ class GenRefAgainstNumpy(unittest.TestCase):
         self.assertFalse(ok)
 
 
+class Presets(unittest.TestCase):
+    def test_aliases_and_table(self):
+        for name, canon in [("mixtral", "mixtral-8x7b"), ("Mixtral-8x7B", "mixtral-8x7b"),
+                            ("qwen2-moe", "qwen2-moe-2.7b"), ("phi3.5-moe", "phi-3.5-moe"),
+                            ("phi-3.5-moe", "phi-3.5-moe"), ("deepseek-v3", "deepseek-v3"), ("DSV3", "deepseek-v3")]:
+            self.assertEqual(tr.canonical_preset(name), canon)
+        with self.assertRaisesRegex(tr.InteropError, "preset 'llama' unknown"):
+            tr.canonical_preset("llama")
+        shapes = {n: (p["hidden"], p["ffn"], p["experts"], p["top_k"], p["renormalize"]) for n, p in tr.PRESETS.items()}
+        self.assertEqual(shapes, {
+            "mixtral-8x7b": (4096, 14336, 8, 2, True),
+            "qwen2-moe-2.7b": (2048, 1408, 64, 4, False),
+            "phi-3.5-moe": (4096, 6400, 16, 2, True),
+            "deepseek-v3": (7168, 2048, 256, 8, True),
+        })
+
+    def test_gen_preset_with_overrides(self):
+        with tempfile.TemporaryDirectory() as d:
+            run("gen", "--out", d, "--preset", "mixtral", "--hidden", "32", "--ffn", "16", "--tokens", "4")
+            with open(d + "/config.json") as f:
+                cfg = json.load(f)
+            self.assertEqual(cfg["preset"], "mixtral-8x7b")
+            self.assertEqual((cfg["hidden"], cfg["ffn"], cfg["experts"], cfg["top_k"]), (32, 16, 8, 2))
+            self.assertTrue(cfg["renormalize"])
+            self.assertEqual((cfg["world"], cfg["dtype"], cfg["activation"]), (2, "bf16", "swiglu"))
+            self.assertEqual(np.load(d + "/w0.npy").shape, (8, 32, 32))
+
+
 class BadInput(unittest.TestCase):
     def test_gen_rejects(self):
         with tempfile.TemporaryDirectory() as d:
@@ -526,11 +554,27 @@ class BenchGloo(unittest.TestCase):
         rec, _ = self._bench(2, ["--preset", "qwen2-moe", "--hidden", "64", "--ffn", "32", "--dtype", "f32"],
                              backward=False)
         self._common(rec, 2, False)
+        self.assertEqual(rec["preset"], "qwen2-moe-2.7b")
         self.assertEqual(rec["shape"]["experts"], 64)
         self.assertFalse(rec["shape"]["renormalize"])
         for row in rec["check"]["rows"]:
             if row["rel_l2"] is not None:
                 self.assertLess(row["rel_l2"], 1e-5, row)  # f32 EP layer vs f32 reference
+
+    def test_check_only(self):
+        with tempfile.TemporaryDirectory() as d:
+            out = os.path.join(d, "c.json")
+            p = torchrun(2, "bench", "--device", "cpu", "--check-only", "--check-tokens", "16", "--preset", "dsv3",
+                         "--hidden", "32", "--ffn", "16", "--experts", "16", "--json", out)
+            self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
+            self.assertIn("check PASS", p.stdout)
+            self.assertNotIn("forward", p.stdout)
+            with open(out) as f:
+                rec = json.load(f)
+            self.assertEqual(rec["preset"], "deepseek-v3")
+            self.assertEqual((rec["shape"]["experts"], rec["shape"]["top_k"]), (16, 8))
+            self.assertTrue(rec["check"]["ok"])
+            self.assertNotIn("forward_ms", rec)
 
     def test_three_ranks(self):
         rec, _ = self._bench(3, ["--preset", "custom", "--hidden", "32", "--ffn", "16", "--experts", "6",
