@@ -1,0 +1,1016 @@
+//! The grouped GEMM over experts: typed launcher of the tile engine (`cuda/tile_engine.cuh`).
+//!
+//! Rows per group (expert) are read from device offsets, so no host synchronisation is needed:
+//! the grid is persistent (sized for the device, never for the data) and each block walks the
+//! tile schedule computed on the device. Three operand layouts cover forward and backward:
+//!
+//! | kind | computes | A | B | C |
+//! | --- | --- | --- | --- | --- |
+//! | [`GemmKind::Forward`] | `C = A · W_gᵀ` | rows `[cap, K]` | `[G, N, K]` | `[cap, N']` |
+//! | [`GemmKind::Dgrad`] | `C = A · W_g` | rows `[cap, N]` | `[G, N, K]` | `[cap, K]` |
+//! | [`GemmKind::Wgrad`] | `C_g = A_gᵀ · B_g` | rows `[cap, N]` | rows `[cap, K]` | `[G, N, K]` |
+//!
+//! where group `g` owns rows `offsets[g]..offsets[g+1]` and `N' = N/2` with the SwiGLU
+//! epilogue (gate rows `0..N/2`, up rows `N/2..N` of each weight), `N` otherwise. The forward
+//! epilogue can fuse SwiGLU or GeLU(erf), store the pre-activation, scale rows and accumulate.
+
+use cudarc::driver::CudaFunction;
+
+use crate::buffer::{DType, DeviceTensor};
+use crate::cache::Defines;
+use crate::device::Gpu;
+use crate::error::{Error, Result};
+use crate::sources;
+
+/// Most groups (experts) one launch handles (size of the device-side tile prefix).
+pub const MAX_GROUPS: usize = 1024;
+
+/// Operand layouts of the grouped GEMM (see the module table).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum GemmKind {
+    /// `C[rows, N'] = A[rows, K] · W_g[N, K]ᵀ`.
+    Forward,
+    /// `C[rows, K] = A[rows, N] · W_g[N, K]`.
+    Dgrad,
+    /// `C_g[N, K] = Σ_{r in g} A[r, N]ᵀ B[r, K]`.
+    Wgrad,
+}
+
+/// What the epilogue applies to the fp32 accumulators before the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Epilogue {
+    /// Store as is.
+    #[default]
+    None,
+    /// `silu(gate) ⊙ up`, pairing weight rows `c` and `N/2 + c` (forward only).
+    SwiGlu,
+    /// `gelu_erf(h)` (forward only).
+    Gelu,
+}
+
+impl Epilogue {
+    fn code(self) -> u32 {
+        match self {
+            Epilogue::None => 0,
+            Epilogue::SwiGlu => 1,
+            Epilogue::Gelu => 2,
+        }
+    }
+}
+
+/// Tile shape and pipeline depth of one engine specialisation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct TileShape {
+    /// Rows of C per tile.
+    pub bm: u32,
+    /// Columns of C per tile (before SwiGLU halves them).
+    pub bn: u32,
+    /// Reduction depth per pipeline stage.
+    pub bk: u32,
+    /// Warps along M.
+    pub warps_m: u32,
+    /// Warps along N.
+    pub warps_n: u32,
+    /// Pipeline stages.
+    pub stages: u32,
+    /// `__launch_bounds__` minimum blocks per SM (caps registers).
+    pub min_blocks: u32,
+}
+
+impl TileShape {
+    /// 128x128x64, 4 warps (64x64 warp tiles), 3 stages, 2 blocks/SM.
+    pub const T128X128: TileShape = TileShape {
+        bm: 128,
+        bn: 128,
+        bk: 64,
+        warps_m: 2,
+        warps_n: 2,
+        stages: 3,
+        min_blocks: 2,
+    };
+    /// 128x256x64, 8 warps (64x64 warp tiles), 3 stages, 1 block/SM.
+    pub const T128X256: TileShape = TileShape {
+        bm: 128,
+        bn: 256,
+        bk: 64,
+        warps_m: 2,
+        warps_n: 4,
+        stages: 3,
+        min_blocks: 1,
+    };
+    /// 128x128x64, 8 warps (64x32 warp tiles), 4 stages, 1 block/SM.
+    pub const T128X128_W8: TileShape = TileShape {
+        bm: 128,
+        bn: 128,
+        bk: 64,
+        warps_m: 2,
+        warps_n: 4,
+        stages: 4,
+        min_blocks: 1,
+    };
+    /// 64x128x64, 4 warps (32x64 warp tiles), 4 stages, 2 blocks/SM (small groups).
+    pub const T64X128: TileShape = TileShape {
+        bm: 64,
+        bn: 128,
+        bk: 64,
+        warps_m: 2,
+        warps_n: 2,
+        stages: 4,
+        min_blocks: 2,
+    };
+
+    /// The named shapes, for benchmarks and tests.
+    pub const ALL: [(&'static str, TileShape); 4] = [
+        ("128x128w4s3", TileShape::T128X128),
+        ("128x256w8s3", TileShape::T128X256),
+        ("128x128w8s4", TileShape::T128X128_W8),
+        ("64x128w4s4", TileShape::T64X128),
+    ];
+
+    /// Threads per block.
+    pub fn threads(&self) -> u32 {
+        self.warps_m * self.warps_n * 32
+    }
+
+    /// Dynamic shared memory: the larger of the operand pipeline and the fp32 epilogue staging
+    /// (the kernel statically checks this equals its own requirement).
+    pub fn smem_bytes(&self) -> u32 {
+        let pipe = self.stages * (self.bm * self.bk + self.bn * self.bk) * 2;
+        let epi = self.bm * (self.bn + 8) * 4;
+        pipe.max(epi)
+    }
+
+    /// Checks the shape is one the engine can instantiate.
+    pub fn validate(&self, kind: GemmKind) -> Result<()> {
+        let bad = |why: String| Err(Error::Invalid(format!("tile shape {self:?}: {why}")));
+        if self.warps_m == 0 || self.warps_n == 0 || self.threads() > 1024 {
+            return bad("1 to 32 warps".into());
+        }
+        let (wtm, wtn) = (self.bm / self.warps_m, self.bn / self.warps_n);
+        if self.bm % self.warps_m != 0
+            || self.bn % self.warps_n != 0
+            || wtm % 16 != 0
+            || wtn % 16 != 0
+        {
+            return bad("warp tiles must be multiples of 16x16".into());
+        }
+        if self.bk % 64 != 0 {
+            return bad("bk must be a multiple of 64 (swizzled 128-byte rows)".into());
+        }
+        if self.stages < 2 {
+            return bad("at least 2 stages".into());
+        }
+        let mn_major_a = kind == GemmKind::Wgrad;
+        let mn_major_b = kind != GemmKind::Forward;
+        if (mn_major_a && self.bm % 64 != 0) || (mn_major_b && self.bn % 64 != 0) {
+            return bad("M/N-major operands need bm/bn multiples of 64".into());
+        }
+        let chunks = |rows: u32, cols: u32| rows * cols / 8;
+        let t = self.threads();
+        if chunks(self.bm, self.bk) % t != 0 || chunks(self.bn, self.bk) % t != 0 {
+            return bad("tile loads must divide evenly among the threads".into());
+        }
+        Ok(())
+    }
+
+    /// The default shape for a problem (tuned on H200; see bench/results).
+    pub fn choose(_kind: GemmKind, _epilogue: Epilogue, _rows_per_group: usize) -> TileShape {
+        TileShape::T128X128
+    }
+}
+
+/// An explicit device-resident tile order: `tiles` i32 `[n, 4]` of (group, m_tile, n_tile, 0)
+/// and `count` i32 `[1]` (entries used, ≤ n). Entries outside the problem are skipped.
+#[derive(Debug, Clone, Copy)]
+pub struct TileList<'a> {
+    /// The tiles.
+    pub tiles: &'a DeviceTensor,
+    /// Number of valid entries.
+    pub count: &'a DeviceTensor,
+}
+
+/// dtype + shape of an operand (what validation needs; no device memory).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Meta {
+    /// Element type.
+    pub dtype: DType,
+    /// Shape.
+    pub shape: Vec<usize>,
+}
+
+impl Meta {
+    /// Meta of a tensor.
+    pub fn of(t: &DeviceTensor) -> Meta {
+        Meta {
+            dtype: t.dtype(),
+            shape: t.shape().to_vec(),
+        }
+    }
+    /// Meta from parts.
+    pub fn new(dtype: DType, shape: &[usize]) -> Meta {
+        Meta {
+            dtype,
+            shape: shape.to_vec(),
+        }
+    }
+}
+
+/// Operand descriptions of one grouped GEMM (validated by [`plan`]).
+#[derive(Debug, Clone)]
+pub struct GemmDesc {
+    /// Operand layouts.
+    pub kind: GemmKind,
+    /// A.
+    pub a: Meta,
+    /// B (weights for Forward/Dgrad, the second row operand for Wgrad).
+    pub b: Meta,
+    /// Group offsets (i32 `[G+1]`), or `None` for one group over all rows.
+    pub offsets: Option<Meta>,
+    /// C.
+    pub c: Meta,
+    /// Epilogue.
+    pub epilogue: Epilogue,
+    /// Pre-activation output.
+    pub aux: Option<Meta>,
+    /// Row scale (f32 `[cap]`).
+    pub row_scale: Option<Meta>,
+    /// Explicit tile list entries (rows of the `[n, 4]` list).
+    pub tile_list_len: Option<usize>,
+    /// Tile shape.
+    pub tile: TileShape,
+}
+
+/// A validated launch description.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GemmPlan {
+    /// Groups.
+    pub groups: usize,
+    /// Row capacity of the row operands.
+    pub rows_cap: usize,
+    /// Output rows per group (Wgrad) — `N`.
+    pub m: usize,
+    /// Output columns before the activation.
+    pub n: usize,
+    /// Reduction length (Forward/Dgrad).
+    pub k: usize,
+    /// Leading dimensions.
+    pub lda: usize,
+    /// Leading dimension of B.
+    pub ldb: usize,
+    /// Leading dimension of C.
+    pub ldc: usize,
+    /// Leading dimension of aux.
+    pub ldaux: usize,
+    /// Elements between groups' B.
+    pub b_group_stride: usize,
+    /// Elements between groups' C.
+    pub c_group_stride: usize,
+    /// Upper bound on tiles (grid never exceeds it).
+    pub max_tiles: usize,
+    /// NVRTC specialisation.
+    pub defines: Defines,
+}
+
+fn expect_dtype(what: &str, m: &Meta, allowed: &[DType]) -> Result<()> {
+    if allowed.contains(&m.dtype) {
+        Ok(())
+    } else {
+        Err(Error::DType {
+            what: what.to_string(),
+            got: m.dtype.to_string(),
+            expected: allowed
+                .iter()
+                .map(|d| d.name())
+                .collect::<Vec<_>>()
+                .join(" or "),
+        })
+    }
+}
+
+fn expect_rank(what: &str, m: &Meta, rank: usize) -> Result<()> {
+    if m.shape.len() == rank {
+        Ok(())
+    } else {
+        Err(Error::shape(what, &m.shape, format!("rank {rank}")))
+    }
+}
+
+fn multiple_of_8(what: &str, v: usize) -> Result<()> {
+    if v % 8 == 0 {
+        Ok(())
+    } else {
+        Err(Error::Alignment {
+            what: what.to_string(),
+            value: v,
+            multiple: 8,
+            why: "16-byte cp.async rows",
+        })
+    }
+}
+
+fn i32_range(what: &str, v: usize) -> Result<()> {
+    if v <= i32::MAX as usize {
+        Ok(())
+    } else {
+        Err(Error::limit(what, v, format!("{}", i32::MAX)))
+    }
+}
+
+/// Validates shapes, dtypes and alignment of a grouped GEMM and derives its launch plan.
+pub fn plan(d: &GemmDesc) -> Result<GemmPlan> {
+    d.tile.validate(d.kind)?;
+    let elem = d.a.dtype;
+    expect_dtype("A", &d.a, &[DType::BF16, DType::F16])?;
+    expect_dtype("B", &d.b, &[elem])?;
+    expect_dtype("C", &d.c, &[elem, DType::F32])?;
+    expect_rank("A", &d.a, 2)?;
+    expect_rank("C", &d.c, if d.kind == GemmKind::Wgrad { 3 } else { 2 })?;
+    let rows_cap = d.a.shape[0];
+    let groups = match &d.offsets {
+        Some(o) => {
+            expect_dtype("offsets", o, &[DType::I32])?;
+            expect_rank("offsets", o, 1)?;
+            if o.shape[0] < 2 {
+                return Err(Error::shape(
+                    "offsets",
+                    &o.shape,
+                    "[groups + 1] with groups >= 1",
+                ));
+            }
+            o.shape[0] - 1
+        }
+        None => 1,
+    };
+    if groups > MAX_GROUPS {
+        return Err(Error::limit(
+            "groups (experts)",
+            groups,
+            MAX_GROUPS.to_string(),
+        ));
+    }
+    if d.kind != GemmKind::Forward && d.epilogue != Epilogue::None {
+        return Err(Error::Invalid(format!(
+            "{:?} epilogue is fused into the forward GEMM only",
+            d.epilogue
+        )));
+    }
+    if d.kind == GemmKind::Wgrad && d.row_scale.is_some() {
+        return Err(Error::Invalid(
+            "row scaling applies to grouped-M GEMMs, not Wgrad".into(),
+        ));
+    }
+    let (m, n, k, lda, ldb, b_group_stride, c_group_stride, out_cols);
+    match d.kind {
+        GemmKind::Forward | GemmKind::Dgrad => {
+            // B: [G, N, K] or, with one group, [N, K].
+            let (bg, bn, bk) = match d.b.shape.as_slice() {
+                [g, n, k] => (*g, *n, *k),
+                [n, k] if groups == 1 => (1, *n, *k),
+                _ => {
+                    return Err(Error::shape(
+                        "B (weights)",
+                        &d.b.shape,
+                        format!("[{groups}, N, K]"),
+                    ));
+                }
+            };
+            if bg != groups {
+                return Err(Error::shape(
+                    "B (weights)",
+                    &d.b.shape,
+                    format!("{groups} groups (from the offsets)"),
+                ));
+            }
+            if d.kind == GemmKind::Forward {
+                if d.a.shape[1] != bk {
+                    return Err(Error::shape(
+                        "A",
+                        &d.a.shape,
+                        format!("[rows, {bk}] (K of the weights)"),
+                    ));
+                }
+                multiple_of_8("K (reduction of the forward GEMM)", bk)?;
+                if d.epilogue == Epilogue::SwiGlu && bn % 2 != 0 {
+                    return Err(Error::Alignment {
+                        what: "N of a SwiGLU weight (2F)".into(),
+                        value: bn,
+                        multiple: 2,
+                        why: "gate and up halves",
+                    });
+                }
+                n = bn;
+                k = bk;
+                lda = bk;
+                ldb = bk;
+                out_cols = if d.epilogue == Epilogue::SwiGlu {
+                    bn / 2
+                } else {
+                    bn
+                };
+            } else {
+                if d.a.shape[1] != bn {
+                    return Err(Error::shape(
+                        "A (output gradient rows)",
+                        &d.a.shape,
+                        format!("[rows, {bn}] (N of the weights)"),
+                    ));
+                }
+                multiple_of_8("N (reduction of the dgrad GEMM)", bn)?;
+                multiple_of_8("K (output of the dgrad GEMM)", bk)?;
+                n = bk;
+                k = bn;
+                lda = bn;
+                ldb = bk;
+                out_cols = bk;
+            }
+            m = 0;
+            b_group_stride = bn * bk;
+            c_group_stride = 0;
+            if d.c.shape != [rows_cap, out_cols] {
+                return Err(Error::shape(
+                    "C",
+                    &d.c.shape,
+                    format!("[{rows_cap}, {out_cols}]"),
+                ));
+            }
+        }
+        GemmKind::Wgrad => {
+            expect_rank("B (input rows)", &d.b, 2)?;
+            if d.b.shape[0] != rows_cap {
+                return Err(Error::shape(
+                    "B (input rows)",
+                    &d.b.shape,
+                    format!("[{rows_cap}, K] (rows of A)"),
+                ));
+            }
+            let (wn, wk) = (d.a.shape[1], d.b.shape[1]);
+            multiple_of_8("N (rows of the weight gradient)", wn)?;
+            multiple_of_8("K (columns of the weight gradient)", wk)?;
+            if d.c.shape != [groups, wn, wk] {
+                return Err(Error::shape(
+                    "C (weight gradient)",
+                    &d.c.shape,
+                    format!("[{groups}, {wn}, {wk}]"),
+                ));
+            }
+            m = wn;
+            n = wk;
+            k = 0;
+            lda = wn;
+            ldb = wk;
+            b_group_stride = 0;
+            c_group_stride = wn * wk;
+            out_cols = wk;
+        }
+    }
+    let ldaux = match &d.aux {
+        Some(aux) => {
+            if d.kind != GemmKind::Forward {
+                return Err(Error::Invalid(
+                    "the pre-activation output exists for the forward GEMM only".into(),
+                ));
+            }
+            expect_dtype("aux (pre-activation)", aux, &[elem])?;
+            if aux.shape != [rows_cap, n] {
+                return Err(Error::shape(
+                    "aux (pre-activation)",
+                    &aux.shape,
+                    format!("[{rows_cap}, {n}]"),
+                ));
+            }
+            n
+        }
+        None => 0,
+    };
+    if let Some(s) = &d.row_scale {
+        expect_dtype("row_scale", s, &[DType::F32])?;
+        if s.shape != [rows_cap] {
+            return Err(Error::shape("row_scale", &s.shape, format!("[{rows_cap}]")));
+        }
+    }
+    for (what, v) in [("rows", rows_cap), ("N", n), ("K", k), ("M", m)] {
+        i32_range(what, v)?;
+    }
+    let t = &d.tile;
+    let (bm, bn) = (t.bm as usize, t.bn as usize);
+    let n_tiles = if d.epilogue == Epilogue::SwiGlu {
+        (n / 2).div_ceil(bn / 2)
+    } else {
+        n.div_ceil(bn)
+    };
+    let mut max_tiles = if d.kind == GemmKind::Wgrad {
+        groups * m.div_ceil(bm) * n_tiles
+    } else {
+        (rows_cap / bm + groups) * n_tiles
+    };
+    if let Some(len) = d.tile_list_len {
+        max_tiles = len;
+    }
+    i32_range("tiles", max_tiles)?;
+    let _ = out_cols;
+    let mut defines = Defines::new();
+    let mut def = |k: &str, v: u32| {
+        defines.insert(k.to_string(), v.to_string());
+    };
+    def("GEMM_BM", t.bm);
+    def("GEMM_BN", t.bn);
+    def("GEMM_BK", t.bk);
+    def("GEMM_WM", t.warps_m);
+    def("GEMM_WN", t.warps_n);
+    def("GEMM_STAGES", t.stages);
+    def("GEMM_MIN_BLOCKS", t.min_blocks);
+    def("GEMM_SMEM_BYTES", t.smem_bytes());
+    def("GEMM_A_LAYOUT", u32::from(d.kind == GemmKind::Wgrad));
+    def("GEMM_B_LAYOUT", u32::from(d.kind != GemmKind::Forward));
+    def("GEMM_GROUPED_K", u32::from(d.kind == GemmKind::Wgrad));
+    def("GEMM_EPI", d.epilogue.code());
+    def("GEMM_OUT_F32", u32::from(d.c.dtype == DType::F32));
+    if elem == DType::F16 {
+        defines.insert("COMET_F16".to_string(), String::new());
+    }
+    Ok(GemmPlan {
+        groups,
+        rows_cap,
+        m,
+        n,
+        k,
+        lda,
+        ldb,
+        ldc: if d.kind == GemmKind::Wgrad {
+            n
+        } else {
+            out_cols
+        },
+        ldaux,
+        b_group_stride,
+        c_group_stride,
+        max_tiles,
+        defines,
+    })
+}
+
+/// Kernel parameters; mirror of `comet::GemmParams` (all fields 8 bytes wide).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+struct GemmParams {
+    a: u64,
+    b: u64,
+    c: u64,
+    aux: u64,
+    row_scale: u64,
+    offsets: u64,
+    tile_list: u64,
+    tile_count: u64,
+    lda: i64,
+    ldb: i64,
+    ldc: i64,
+    ldaux: i64,
+    b_group_stride: i64,
+    c_group_stride: i64,
+    groups: i64,
+    rows_cap: i64,
+    m: i64,
+    n: i64,
+    k: i64,
+    accumulate: i64,
+    vec_store: i64,
+}
+
+/// Arguments of one grouped GEMM launch. Build with [`GemmArgs::forward`],
+/// [`GemmArgs::dgrad`] or [`GemmArgs::wgrad`], refine with the builder methods, run with
+/// [`grouped_gemm`].
+#[derive(Debug)]
+pub struct GemmArgs<'a> {
+    kind: GemmKind,
+    a: &'a DeviceTensor,
+    b: &'a DeviceTensor,
+    offsets: Option<&'a DeviceTensor>,
+    c: &'a mut DeviceTensor,
+    epilogue: Epilogue,
+    aux: Option<&'a mut DeviceTensor>,
+    row_scale: Option<&'a DeviceTensor>,
+    accumulate: bool,
+    tile: Option<TileShape>,
+    tile_list: Option<TileList<'a>>,
+}
+
+impl<'a> GemmArgs<'a> {
+    fn new(
+        kind: GemmKind,
+        a: &'a DeviceTensor,
+        b: &'a DeviceTensor,
+        offsets: Option<&'a DeviceTensor>,
+        c: &'a mut DeviceTensor,
+    ) -> Self {
+        GemmArgs {
+            kind,
+            a,
+            b,
+            offsets,
+            c,
+            epilogue: Epilogue::None,
+            aux: None,
+            row_scale: None,
+            accumulate: false,
+            tile: None,
+            tile_list: None,
+        }
+    }
+    /// `c[rows, N'] = x_rows[rows, K] · w[g][N, K]ᵀ` for the rows of each group.
+    pub fn forward(
+        x_rows: &'a DeviceTensor,
+        w: &'a DeviceTensor,
+        offsets: Option<&'a DeviceTensor>,
+        c: &'a mut DeviceTensor,
+    ) -> Self {
+        Self::new(GemmKind::Forward, x_rows, w, offsets, c)
+    }
+    /// `c[rows, K] = dy_rows[rows, N] · w[g][N, K]`.
+    pub fn dgrad(
+        dy_rows: &'a DeviceTensor,
+        w: &'a DeviceTensor,
+        offsets: Option<&'a DeviceTensor>,
+        c: &'a mut DeviceTensor,
+    ) -> Self {
+        Self::new(GemmKind::Dgrad, dy_rows, w, offsets, c)
+    }
+    /// `dw[g][N, K] = Σ_{rows r of g} dy_rows[r, N]ᵀ x_rows[r, K]`.
+    pub fn wgrad(
+        dy_rows: &'a DeviceTensor,
+        x_rows: &'a DeviceTensor,
+        offsets: Option<&'a DeviceTensor>,
+        dw: &'a mut DeviceTensor,
+    ) -> Self {
+        Self::new(GemmKind::Wgrad, dy_rows, x_rows, offsets, dw)
+    }
+    /// Fused activation (forward).
+    pub fn epilogue(mut self, e: Epilogue) -> Self {
+        self.epilogue = e;
+        self
+    }
+    /// Also store the pre-activation `[rows, N]` (forward).
+    pub fn aux(mut self, aux: &'a mut DeviceTensor) -> Self {
+        self.aux = Some(aux);
+        self
+    }
+    /// Multiply output row `r` by `scale[r]` (f32 `[rows]`).
+    pub fn row_scale(mut self, scale: &'a DeviceTensor) -> Self {
+        self.row_scale = Some(scale);
+        self
+    }
+    /// Add into C instead of overwriting it.
+    pub fn accumulate(mut self, on: bool) -> Self {
+        self.accumulate = on;
+        self
+    }
+    /// Use this tile shape instead of the default.
+    pub fn tile(mut self, t: TileShape) -> Self {
+        self.tile = Some(t);
+        self
+    }
+    /// Run the tiles in this device-resident order.
+    pub fn tile_list(mut self, list: TileList<'a>) -> Self {
+        self.tile_list = Some(list);
+        self
+    }
+
+    fn desc(&self) -> GemmDesc {
+        let rows = self.a.shape().first().copied().unwrap_or(0);
+        GemmDesc {
+            kind: self.kind,
+            a: Meta::of(self.a),
+            b: Meta::of(self.b),
+            offsets: self.offsets.map(Meta::of),
+            c: Meta::of(self.c),
+            epilogue: self.epilogue,
+            aux: self.aux.as_deref().map(Meta::of),
+            row_scale: self.row_scale.map(Meta::of),
+            tile_list_len: self
+                .tile_list
+                .map(|l| l.tiles.shape().first().copied().unwrap_or(0)),
+            tile: self
+                .tile
+                .unwrap_or_else(|| TileShape::choose(self.kind, self.epilogue, rows)),
+        }
+    }
+}
+
+fn aligned16(ptr: u64, ld_elems: usize, elem_size: usize) -> bool {
+    ptr % 16 == 0 && (ld_elems * elem_size) % 16 == 0
+}
+
+/// The grouped GEMM program (specialise it with a [`GemmPlan`]'s defines).
+pub fn program() -> crate::cache::Program {
+    sources::program("gemm.cu", sources::GEMM_CU)
+}
+
+/// Kernel name inside [`program`].
+pub const KERNEL_NAME: &str = "comet_grouped_gemm";
+
+/// The compiled kernel for a plan.
+fn kernel(gpu: &Gpu, plan: &GemmPlan) -> Result<CudaFunction> {
+    gpu.function(&program(), &plan.defines, KERNEL_NAME)
+}
+
+/// Runs a grouped GEMM on `gpu`'s stream (asynchronous; no host synchronisation).
+pub fn grouped_gemm(gpu: &Gpu, args: GemmArgs<'_>) -> Result<()> {
+    let desc = args.desc();
+    let plan = plan(&desc)?;
+    for (what, t) in [
+        ("A", Some(args.a)),
+        ("B", Some(args.b)),
+        ("offsets", args.offsets),
+        ("row_scale", args.row_scale),
+    ] {
+        if let Some(t) = t {
+            t.check_device(gpu, what)?;
+        }
+    }
+    args.c.check_device(gpu, "C")?;
+    if let Some(aux) = args.aux.as_deref() {
+        aux.check_device(gpu, "aux")?;
+    }
+    if let Some(l) = &args.tile_list {
+        let tl = Meta::of(l.tiles);
+        if tl.dtype != DType::I32 || tl.shape.len() != 2 || tl.shape[1] != 4 {
+            return Err(Error::shape("tile list", &tl.shape, "i32 [n, 4]"));
+        }
+        if l.count.dtype() != DType::I32 || l.count.numel() != 1 {
+            return Err(Error::shape("tile count", l.count.shape(), "i32 [1]"));
+        }
+        l.tiles.check_device(gpu, "tile list")?;
+        l.count.check_device(gpu, "tile count")?;
+    }
+    let tile = desc.tile;
+    let out_size = args.c.dtype().size();
+    let mut vec_store = aligned16(args.c.device_ptr(), plan.ldc, out_size);
+    if let Some(aux) = args.aux.as_deref() {
+        vec_store &= aligned16(aux.device_ptr(), plan.ldaux, 2);
+        if desc.epilogue == Epilogue::SwiGlu {
+            vec_store &= (plan.n / 2) % 8 == 0;
+        }
+    }
+    let params = GemmParams {
+        a: args.a.device_ptr(),
+        b: args.b.device_ptr(),
+        c: args.c.device_ptr(),
+        aux: args.aux.as_deref().map_or(0, |t| t.device_ptr()),
+        row_scale: args.row_scale.map_or(0, |t| t.device_ptr()),
+        offsets: args.offsets.map_or(0, |t| t.device_ptr()),
+        tile_list: args.tile_list.map_or(0, |l| l.tiles.device_ptr()),
+        tile_count: args.tile_list.map_or(0, |l| l.count.device_ptr()),
+        lda: plan.lda as i64,
+        ldb: plan.ldb as i64,
+        ldc: plan.ldc as i64,
+        ldaux: plan.ldaux as i64,
+        b_group_stride: plan.b_group_stride as i64,
+        c_group_stride: plan.c_group_stride as i64,
+        groups: plan.groups as i64,
+        rows_cap: plan.rows_cap as i64,
+        m: plan.m as i64,
+        n: plan.n as i64,
+        k: plan.k as i64,
+        accumulate: i64::from(args.accumulate),
+        vec_store: i64::from(vec_store),
+    };
+    let f = kernel(gpu, &plan)?;
+    let smem = tile.smem_bytes();
+    if smem > gpu.smem_optin() {
+        return Err(Error::limit(
+            "GEMM shared memory bytes",
+            smem as usize,
+            format!("{} on this device", gpu.smem_optin()),
+        ));
+    }
+    if smem > 48 * 1024 {
+        f.set_attribute(
+            cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            smem as i32,
+        )?;
+    }
+    let per_sm =
+        f.occupancy_max_active_blocks_per_multiprocessor(tile.threads(), smem as usize, None)?;
+    if per_sm == 0 {
+        return Err(Error::Invalid(format!(
+            "tile shape {tile:?} cannot be resident on this device"
+        )));
+    }
+    let grid = (gpu.sm_count() as usize * per_sm as usize).min(plan.max_tiles);
+    let _span = tracing::trace_span!("grouped_gemm", kind = ?desc.kind, groups = plan.groups, n = plan.n, grid).entered();
+    // SAFETY: `GemmParams` mirrors the kernel's parameter struct field by field; `plan`
+    // checked every operand's dtype and shape against the sizes the kernel uses, and the kernel
+    // clamps device offsets to `rows_cap`, so all accesses stay inside the tensors.
+    unsafe { gpu.launch(&f, grid as u32, tile.threads(), smem, &params) }
+}
+
+/// Registers, local memory and occupancy of the kernel a GEMM would use (for reports).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KernelReport {
+    /// Registers per thread.
+    pub registers: i32,
+    /// Local (spill) memory per thread, bytes.
+    pub local_bytes: i32,
+    /// Blocks resident per SM.
+    pub blocks_per_sm: u32,
+    /// Dynamic shared memory per block, bytes.
+    pub smem_bytes: u32,
+}
+
+/// Compiles (if needed) the kernel for `desc` and reports its resources.
+pub fn kernel_report(gpu: &Gpu, desc: &GemmDesc) -> Result<KernelReport> {
+    let plan = plan(desc)?;
+    let f = kernel(gpu, &plan)?;
+    let smem = desc.tile.smem_bytes();
+    if smem > 48 * 1024 && smem <= gpu.smem_optin() {
+        f.set_attribute(
+            cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            smem as i32,
+        )?;
+    }
+    let per_sm =
+        f.occupancy_max_active_blocks_per_multiprocessor(desc.tile.threads(), smem as usize, None)?;
+    Ok(KernelReport {
+        registers: f.num_regs()?,
+        local_bytes: f.local_size_bytes()?,
+        blocks_per_sm: per_sm,
+        smem_bytes: smem,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fwd(a: &[usize], b: &[usize], c: &[usize], g: usize) -> GemmDesc {
+        GemmDesc {
+            kind: GemmKind::Forward,
+            a: Meta::new(DType::BF16, a),
+            b: Meta::new(DType::BF16, b),
+            offsets: Some(Meta::new(DType::I32, &[g + 1])),
+            c: Meta::new(DType::BF16, c),
+            epilogue: Epilogue::None,
+            aux: None,
+            row_scale: None,
+            tile_list_len: None,
+            tile: TileShape::T128X128,
+        }
+    }
+
+    #[test]
+    fn smem_formula_matches_engine() {
+        // pipe = stages * (bm + bn) * bk * 2; staging = bm * (bn + 8) * 4
+        assert_eq!(TileShape::T128X128.smem_bytes(), 98304);
+        assert_eq!(TileShape::T128X256.smem_bytes(), 147456);
+        assert_eq!(TileShape::T128X128_W8.smem_bytes(), 131072);
+        assert_eq!(TileShape::T64X128.smem_bytes(), 98304);
+        for (_, t) in TileShape::ALL {
+            for k in [GemmKind::Forward, GemmKind::Dgrad, GemmKind::Wgrad] {
+                t.validate(k).unwrap();
+            }
+            assert!(t.smem_bytes() <= 227 * 1024);
+        }
+    }
+
+    #[test]
+    fn bad_tile_shapes_are_rejected() {
+        let mut t = TileShape::T128X128;
+        t.bk = 32;
+        assert!(t.validate(GemmKind::Forward).is_err());
+        let mut t = TileShape::T128X128;
+        t.warps_n = 3;
+        assert!(t.validate(GemmKind::Forward).is_err());
+        let mut t = TileShape::T128X128;
+        t.stages = 1;
+        assert!(t.validate(GemmKind::Forward).is_err());
+    }
+
+    #[test]
+    fn forward_plan() {
+        let p = plan(&fwd(&[1000, 1408], &[8, 2816, 1408], &[1000, 2816], 8)).unwrap();
+        assert_eq!(
+            (p.groups, p.rows_cap, p.n, p.k, p.lda, p.ldb, p.ldc),
+            (8, 1000, 2816, 1408, 1408, 1408, 2816)
+        );
+        assert_eq!(p.b_group_stride, 2816 * 1408);
+        assert_eq!(p.max_tiles, (1000 / 128 + 8) * 22);
+        assert_eq!(p.defines["GEMM_A_LAYOUT"], "0");
+        assert_eq!(p.defines["GEMM_B_LAYOUT"], "0");
+        assert_eq!(p.defines["GEMM_OUT_F32"], "0");
+        assert!(!p.defines.contains_key("COMET_F16"));
+    }
+
+    #[test]
+    fn swiglu_halves_the_output() {
+        let mut d = fwd(&[64, 512], &[4, 2 * 1408, 512], &[64, 1408], 4);
+        d.epilogue = Epilogue::SwiGlu;
+        d.aux = Some(Meta::new(DType::BF16, &[64, 2816]));
+        let p = plan(&d).unwrap();
+        assert_eq!((p.n, p.ldc, p.ldaux), (2816, 1408, 2816));
+        assert_eq!(p.defines["GEMM_EPI"], "1");
+        d.c = Meta::new(DType::BF16, &[64, 2816]);
+        assert!(matches!(plan(&d), Err(Error::Shape { .. })));
+    }
+
+    #[test]
+    fn dgrad_and_wgrad_plans() {
+        let mut d = fwd(&[300, 2048], &[16, 2048, 4096], &[300, 4096], 16);
+        d.kind = GemmKind::Dgrad;
+        let p = plan(&d).unwrap();
+        assert_eq!(
+            (p.n, p.k, p.lda, p.ldb, p.ldc),
+            (4096, 2048, 2048, 4096, 4096)
+        );
+        assert_eq!(p.defines["GEMM_B_LAYOUT"], "1");
+        let w = GemmDesc {
+            kind: GemmKind::Wgrad,
+            a: Meta::new(DType::BF16, &[300, 2048]),
+            b: Meta::new(DType::BF16, &[300, 4096]),
+            offsets: Some(Meta::new(DType::I32, &[17])),
+            c: Meta::new(DType::F32, &[16, 2048, 4096]),
+            epilogue: Epilogue::None,
+            aux: None,
+            row_scale: None,
+            tile_list_len: None,
+            tile: TileShape::T128X128,
+        };
+        let p = plan(&w).unwrap();
+        assert_eq!(
+            (p.m, p.n, p.lda, p.ldb, p.ldc, p.c_group_stride),
+            (2048, 4096, 2048, 4096, 4096, 2048 * 4096)
+        );
+        assert_eq!(p.defines["GEMM_GROUPED_K"], "1");
+        assert_eq!(p.defines["GEMM_OUT_F32"], "1");
+        assert_eq!(p.max_tiles, 16 * 16 * 32);
+    }
+
+    #[test]
+    fn error_paths_name_the_value() {
+        // K not a multiple of 8.
+        let e = plan(&fwd(&[10, 100], &[2, 64, 100], &[10, 64], 2)).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::Alignment {
+                    value: 100,
+                    multiple: 8,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        // Group count mismatch.
+        let e = plan(&fwd(&[10, 64], &[3, 64, 64], &[10, 64], 2)).unwrap_err();
+        assert!(e.to_string().contains("2 groups"), "{e}");
+        // Too many groups.
+        let e = plan(&fwd(&[10, 64], &[2000, 64, 64], &[10, 64], 2000)).unwrap_err();
+        assert!(matches!(e, Error::Limit { value: 2000, .. }), "{e}");
+        // Mixed dtypes.
+        let mut d = fwd(&[10, 64], &[2, 64, 64], &[10, 64], 2);
+        d.b.dtype = DType::F16;
+        assert!(matches!(plan(&d), Err(Error::DType { .. })));
+        // Wrong A width.
+        let e = plan(&fwd(&[10, 72], &[2, 64, 64], &[10, 64], 2)).unwrap_err();
+        assert!(matches!(e, Error::Shape { .. }), "{e}");
+        // Activation on a backward GEMM.
+        let mut d = fwd(&[10, 64], &[2, 64, 64], &[10, 64], 2);
+        d.kind = GemmKind::Dgrad;
+        d.epilogue = Epilogue::Gelu;
+        assert!(matches!(plan(&d), Err(Error::Invalid(_))));
+        // Row scale of the wrong length.
+        let mut d = fwd(&[10, 64], &[2, 64, 64], &[10, 64], 2);
+        d.row_scale = Some(Meta::new(DType::F32, &[9]));
+        assert!(matches!(plan(&d), Err(Error::Shape { .. })));
+        // Offsets must be i32.
+        let mut d = fwd(&[10, 64], &[2, 64, 64], &[10, 64], 2);
+        d.offsets = Some(Meta::new(DType::U32, &[3]));
+        assert!(matches!(plan(&d), Err(Error::DType { .. })));
+    }
+
+    #[test]
+    fn single_group_router_shape() {
+        // Router logits: x [M, H] · wr [E, H]ᵀ -> f32 [M, E] with no offsets.
+        let d = GemmDesc {
+            kind: GemmKind::Forward,
+            a: Meta::new(DType::BF16, &[8192, 7168]),
+            b: Meta::new(DType::BF16, &[256, 7168]),
+            offsets: None,
+            c: Meta::new(DType::F32, &[8192, 256]),
+            epilogue: Epilogue::None,
+            aux: None,
+            row_scale: None,
+            tile_list_len: None,
+            tile: TileShape::T128X128,
+        };
+        let p = plan(&d).unwrap();
+        assert_eq!(
+            (p.groups, p.n, p.k, p.b_group_stride),
+            (1, 256, 7168, 256 * 7168)
+        );
+    }
+
+    #[test]
+    fn params_layout_is_all_8_byte_fields() {
+        assert_eq!(std::mem::size_of::<GemmParams>(), 21 * 8);
+        assert_eq!(std::mem::align_of::<GemmParams>(), 8);
+    }
+}

@@ -1,0 +1,191 @@
+//! Compiles every kernel variant through NVRTC for sm_90a and sm_80 (no GPU needed, but the
+//! NVRTC library and CUDA headers are). Run with
+//! `LD_LIBRARY_PATH=/usr/local/cuda/lib CUDA_HOME=/usr/local/cuda cargo test -p comet-kernels
+//! --test nvrtc_compile -- --ignored`; set `COMET_DUMP_CUBINS=<dir>` to keep the cubins for
+//! `cuobjdump --dump-resource-usage`.
+
+use comet_kernels::buffer::DType;
+use comet_kernels::cache::{Arch, Defines, KernelCache, Program};
+use comet_kernels::gemm::{self, Epilogue, GemmDesc, GemmKind, Meta, TileShape};
+use comet_kernels::sources;
+
+fn compile(cache: &KernelCache, program: &Program, defines: &Defines, arch: Arch, tag: &str) {
+    let (key, cubin) = cache
+        .cubin(program, defines, arch)
+        .unwrap_or_else(|e| panic!("{tag}: {e}"));
+    assert!(
+        comet_kernels::cache::looks_like_cubin(&cubin),
+        "{tag}: not a cubin"
+    );
+    if let Some(dir) = std::env::var_os("COMET_DUMP_CUBINS") {
+        let dir = std::path::PathBuf::from(dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join(format!("{tag}-{}-{}.cubin", arch.target(), &key[..8])),
+            &*cubin,
+        )
+        .unwrap();
+    }
+}
+
+fn gemm_desc(kind: GemmKind, epi: Epilogue, dtype: DType, out: DType, tile: TileShape) -> GemmDesc {
+    let (g, rows, n, k) = (4, 256, 256, 128);
+    let (a, b, c) = match kind {
+        GemmKind::Forward => (
+            [rows, k].to_vec(),
+            [g, n, k].to_vec(),
+            [rows, if epi == Epilogue::SwiGlu { n / 2 } else { n }].to_vec(),
+        ),
+        GemmKind::Dgrad => ([rows, n].to_vec(), [g, n, k].to_vec(), [rows, k].to_vec()),
+        GemmKind::Wgrad => ([rows, n].to_vec(), [rows, k].to_vec(), [g, n, k].to_vec()),
+    };
+    GemmDesc {
+        kind,
+        a: Meta::new(dtype, &a),
+        b: Meta::new(dtype, &b),
+        offsets: Some(Meta::new(DType::I32, &[g + 1])),
+        c: Meta::new(out, &c),
+        epilogue: epi,
+        aux: None,
+        row_scale: None,
+        tile_list_len: None,
+        tile,
+    }
+}
+
+#[test]
+#[ignore = "needs NVRTC"]
+fn every_kernel_compiles() {
+    let cache = KernelCache::new(None);
+    let variants = [
+        (GemmKind::Forward, Epilogue::None),
+        (GemmKind::Forward, Epilogue::SwiGlu),
+        (GemmKind::Forward, Epilogue::Gelu),
+        (GemmKind::Dgrad, Epilogue::None),
+        (GemmKind::Wgrad, Epilogue::None),
+    ];
+    for (name, tile) in TileShape::ALL {
+        for (kind, epi) in variants {
+            for out in [DType::BF16, DType::F32] {
+                let plan = gemm::plan(&gemm_desc(kind, epi, DType::BF16, out, tile)).unwrap();
+                compile(
+                    &cache,
+                    &gemm::program(),
+                    &plan.defines,
+                    Arch::SM90,
+                    &format!("gemm-{name}-{kind:?}-{epi:?}-{out}"),
+                );
+            }
+        }
+    }
+    for (kind, epi) in variants {
+        let plan = gemm::plan(&gemm_desc(
+            kind,
+            epi,
+            DType::F16,
+            DType::F16,
+            TileShape::T128X128,
+        ))
+        .unwrap();
+        compile(
+            &cache,
+            &gemm::program(),
+            &plan.defines,
+            Arch::SM90,
+            &format!("gemm-f16-{kind:?}-{epi:?}"),
+        );
+        compile(
+            &cache,
+            &gemm::program(),
+            &plan.defines,
+            Arch::SM80,
+            &format!("gemm-f16-{kind:?}-{epi:?}"),
+        );
+        let plan = gemm::plan(&gemm_desc(
+            kind,
+            epi,
+            DType::BF16,
+            DType::BF16,
+            TileShape::T128X128,
+        ))
+        .unwrap();
+        compile(
+            &cache,
+            &gemm::program(),
+            &plan.defines,
+            Arch::SM80,
+            &format!("gemm-bf16-{kind:?}-{epi:?}"),
+        );
+    }
+    for arch in [Arch::SM90, Arch::SM80] {
+        for f16 in [false, true] {
+            let mut d = Defines::new();
+            if f16 {
+                d.insert("COMET_F16".into(), String::new());
+            }
+            for (n, src) in [
+                ("rows.cu", sources::ROWS_CU),
+                ("activation.cu", sources::ACTIVATION_CU),
+                ("routing.cu", sources::ROUTING_CU),
+            ] {
+                compile(
+                    &cache,
+                    &sources::program(n, src),
+                    &d,
+                    arch,
+                    &format!("{n}-f16{f16}"),
+                );
+            }
+            for epl in [1, 2, 8, 32] {
+                let mut d = d.clone();
+                d.insert("ROUTER_EPL".into(), epl.to_string());
+                compile(
+                    &cache,
+                    &sources::program("router.cu", sources::ROUTER_CU),
+                    &d,
+                    arch,
+                    &format!("router-epl{epl}-f16{f16}"),
+                );
+            }
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs NVRTC"]
+fn compile_errors_carry_the_log() {
+    let cache = KernelCache::new(None);
+    let bad = sources::external_program(
+        "bad.cu",
+        "#include \"comet/common.cuh\"\n__global__ void k() { undeclared_thing(); }\n",
+    );
+    let err = cache.cubin(&bad, &Defines::new(), Arch::SM90).unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, comet_kernels::Error::Compile { .. }), "{msg}");
+    assert!(msg.contains("undeclared_thing"), "{msg}");
+    assert!(msg.contains("sm_90a"), "{msg}");
+}
+
+#[test]
+#[ignore = "needs NVRTC"]
+fn disk_cache_round_trip() {
+    let dir = std::env::temp_dir().join(format!("comet-cache-test-{}", std::process::id()));
+    let p = sources::program("rows.cu", sources::ROWS_CU);
+    let first = KernelCache::new(Some(dir.clone()));
+    let (key, cubin) = first.cubin(&p, &Defines::new(), Arch::SM90).unwrap();
+    let file = dir.join(format!("{key}.cubin"));
+    assert_eq!(std::fs::read(&file).unwrap(), *cubin);
+    // A second cache finds it on disk; a corrupted file is recompiled and replaced.
+    let second = KernelCache::new(Some(dir.clone()));
+    assert_eq!(
+        *second.cubin(&p, &Defines::new(), Arch::SM90).unwrap().1,
+        *cubin
+    );
+    std::fs::write(&file, b"junk").unwrap();
+    let third = KernelCache::new(Some(dir.clone()));
+    assert_eq!(
+        *third.cubin(&p, &Defines::new(), Arch::SM90).unwrap().1,
+        *cubin
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
