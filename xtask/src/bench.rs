@@ -19,6 +19,8 @@ pub const CPU_TOKENS: usize = 256;
 pub const CPU_SHRINK: usize = 16;
 /// Preset the CPU fallback runs when `--presets` is not given.
 pub const CPU_PRESET: &str = "mixtral";
+/// Simulated ranks of the expert-parallel reference the CPU fallback checks against.
+pub const CPU_WORLD: usize = 2;
 
 /// Arguments of `cargo xtask bench`.
 #[derive(clap::Args, Debug, Default)]
@@ -105,7 +107,7 @@ pub fn plan(devices: &Devices, gpus: Option<usize>) -> Result<Plan> {
             (None, false) => "no CUDA driver found".into(),
             (None, true) => "the CUDA driver reports 0 devices".into(),
         };
-        return Ok(Plan::Cpu(format!("no CUDA device found ({why})")));
+        return Ok(Plan::Cpu(format!("no CUDA device found: {why}")));
     }
     let want = gpus.unwrap_or(found);
     if want > found {
@@ -165,7 +167,8 @@ fn run_cpu(bin: &Path, args: &BenchArgs, why: &str) -> Result<()> {
     println!("comet-rs bench: {why}.");
     println!(
         "No GPU benchmark runs here: running the CPU reference (f32, comet_core::reference) \
-         on a small preset instead, hidden and ffn divided by {CPU_SHRINK}."
+         on a small preset instead, hidden and ffn divided by {CPU_SHRINK}, and checking the \
+         expert-parallel reference over {CPU_WORLD} simulated ranks against it."
     );
     if !args.strategies.is_empty() {
         println!("(--strategies only apply to the GPU path; ignored here)");
@@ -181,16 +184,15 @@ fn run_cpu(bin: &Path, args: &BenchArgs, why: &str) -> Result<()> {
         args.tokens.clone()
     };
     for preset in &presets {
-        for t in &tokens {
-            run_status(Command::new(bin).args([
-                "cpu-reference",
-                "--preset",
-                preset,
-                "--tokens",
-                &t.to_string(),
-                "--shrink",
-                &CPU_SHRINK.to_string(),
-            ]))?;
+        for &t in &tokens {
+            let mut cmd = Command::new(bin);
+            cmd.args(["cpu-reference", "--preset", preset])
+                .args(["--tokens", &t.to_string()])
+                .args(["--shrink", &CPU_SHRINK.to_string()]);
+            if t >= CPU_WORLD {
+                cmd.args(["--world", &CPU_WORLD.to_string()]);
+            }
+            run_status(&mut cmd)?;
         }
     }
     Ok(())
