@@ -651,9 +651,7 @@ def cmd_compare(args) -> int:
     print(format_table(rows, args.tol))
     print("PASS" if ok else "FAIL")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"ok": ok, "tol": args.tol, "a": args.a, "b": args.b, "rows": rows}, f, indent=2)
-            f.write("\n")
+        _write_json(args.json, {"ok": ok, "tol": args.tol, "a": args.a, "b": args.b, "rows": rows})
     return 0 if ok else 1
 
 
@@ -919,6 +917,8 @@ def cmd_bench(args) -> int:
         raise InteropError(f"--tokens = {args.tokens}: must be >= 1")
     if args.iters < 20:
         raise InteropError(f"--iters = {args.iters}: the bench rules ask for at least 20 timed iterations")
+    if args.check_tokens < 1:
+        raise InteropError(f"--check-tokens = {args.check_tokens}: must be >= 1")
     if args.pool < 1:
         raise InteropError(f"--pool = {args.pool}: must be >= 1")
     if args.device == "cuda":
@@ -1110,8 +1110,8 @@ def _bench_body(args, shape, world, rank, device, dtype, group, backend) -> int:
     ph = "  ".join(f"{p} {phases[p]:.3f}" for p in PHASES)
     line = (
         f"torch {args.preset} W={world} M={M} [{gemm_impl}] forward {fwd_ms:.3f} ms ({ph}) "
-        f"{record['tflops']:.1f} TFLOP/s, ratio to floor {record['ratio_to_floor']:.3f} "
-        f"(dense {dense_mean:.1f} TFLOP/s), dispatch {record['comm']['dispatch_gbps']:.1f} GB/s"
+        f"{record['tflops']:.4g} TFLOP/s, ratio to floor {record['ratio_to_floor']:.3f} "
+        f"(dense {dense_mean:.4g} TFLOP/s), dispatch {record['comm']['dispatch_gbps']:.4g} GB/s"
     )
     if args.backward:
         line += f"; fwd+bwd {record['fwd_bwd_ms']:.3f} ms (backward {record['backward_ms']:.3f} ms)"
@@ -1121,12 +1121,23 @@ def _bench_body(args, shape, world, rank, device, dtype, group, backend) -> int:
     return 0
 
 
+def _json_safe(v):
+    """Strict JSON: non-finite floats become the strings "inf" / "-inf" / "nan"."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    if isinstance(v, dict):
+        return {k: _json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_json_safe(x) for x in v]
+    return v
+
+
 def _write_json(path, record):
     d = os.path.dirname(path)
     if d:
         os.makedirs(d, exist_ok=True)
     with open(path, "w") as f:
-        json.dump(record, f, indent=2)
+        json.dump(_json_safe(record), f, indent=2, allow_nan=False)
         f.write("\n")
 
 

@@ -342,9 +342,18 @@ class GenRefAgainstNumpy(unittest.TestCase):
         self.assertIn("PASS", p.stdout)
         p = run("compare", "--a", base + "/bf16", "--b", base + "/f32")
         self.assertIn("PASS", p.stdout)
-        p = run("compare", "--a", base + "/bf16", "--b", base + "/f32", "--tol", "1e-4", check=False)
+        js = os.path.join(self.tmp.name, "cmp.json")
+        p = run("compare", "--a", base + "/bf16", "--b", base + "/f32", "--tol", "1e-4", "--json", js, check=False)
         self.assertEqual(p.returncode, 1, p.stdout)
         self.assertIn("FAIL", p.stdout)
+
+        def no_constants(c):
+            raise AssertionError(f"non-standard JSON constant {c}")
+
+        with open(js) as f:
+            rec = json.load(f, parse_constant=no_constants)
+        self.assertFalse(rec["ok"])
+        self.assertEqual({r["tensor"]: r["status"] for r in rec["rows"]}["y"], "FAIL")
 
     def test_compare_detects_faults(self):
         src = self.dirs["gelu_plain_w3"] + "/f32"
