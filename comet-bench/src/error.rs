@@ -39,13 +39,17 @@ pub enum Error {
         /// The preset's ffn size.
         ffn: usize,
     },
-    /// A simulated world size that does not divide the expert count.
-    #[error("simulated world {world} must be >= 1 and divide the {experts} experts")]
+    /// A simulated world size that does not divide the expert count, or exceeds the tokens.
+    #[error(
+        "simulated world {world} must be >= 1, divide the {experts} experts and not exceed the {tokens} tokens"
+    )]
     BadWorld {
         /// The world size given.
         world: usize,
         /// The number of experts.
         experts: usize,
+        /// The number of tokens.
+        tokens: usize,
     },
     /// A rank report with another schema (or version) than this build reads.
     #[error("{path}: schema {found:?}, expected {expected:?}")]
@@ -85,6 +89,14 @@ pub enum Error {
         /// The rank.
         rank: usize,
         /// The case (preset, strategy, tokens, ...).
+        case: String,
+    },
+    /// Two baseline records give the same case.
+    #[error("{path}: case {case} was already given by another input")]
+    DuplicateCase {
+        /// The file with the second copy.
+        path: PathBuf,
+        /// The case.
         case: String,
     },
     /// A case that some ranks did not report.

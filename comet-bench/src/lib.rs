@@ -7,6 +7,9 @@
 //! What works now (no GPU needed):
 //! - [`probe`]: whether a CUDA driver and devices are present, without panicking when
 //!   `libcuda` is missing (`comet-bench devices`).
+//! - [`cpu`]: the CPU reference MoE layer of `comet_core::reference` on a preset (optionally
+//!   shrunk) with seeded random inputs, timed, with a norm and checksum of `y`, optionally
+//!   checked against the expert-parallel reference (`comet-bench cpu-reference`).
 //! - [`report`]: the rank-report schema the GPU benchmark will write, and gathering rank
 //!   reports into one table, results JSON and SVG chart (`comet-bench report`).
 //!
@@ -17,6 +20,7 @@
 
 #![warn(missing_docs)]
 
+pub mod cpu;
 mod error;
 pub mod probe;
 pub mod report;

@@ -1,7 +1,7 @@
 //! `comet-bench`: the comet-rs benchmark binary. See the crate documentation.
 
 use clap::{Parser, Subcommand};
-use comet_bench::{probe, report};
+use comet_bench::{cpu, probe, report};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -20,6 +20,8 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Run the CPU reference MoE forward on a preset with seeded random inputs.
+    CpuReference(CpuArgs),
     /// Gather rank reports: print the table, write <date>-<gpu>x<n>.json and .svg.
     Report {
         /// Directory for the results JSON and SVG.
@@ -28,10 +30,32 @@ enum Cmd {
         /// Only print the table; write nothing.
         #[arg(long)]
         dry_run: bool,
-        /// Rank report files (schema comet-bench/rank/1), baselines included.
+        /// Rank reports (schema comet-bench/rank/1) and PyTorch records (bench/INTEROP.md §8).
         #[arg(required = true)]
         reports: Vec<PathBuf>,
     },
+}
+
+#[derive(clap::Args, Debug)]
+struct CpuArgs {
+    /// Model preset: mixtral, qwen2-moe, phi3.5-moe, deepseek-v3 (or their full names).
+    #[arg(long, default_value = "mixtral")]
+    preset: String,
+    /// Tokens.
+    #[arg(long, default_value_t = 256)]
+    tokens: usize,
+    /// Divide the preset's hidden and ffn sizes by this factor (experts and top-k stay).
+    #[arg(long, default_value_t = 1)]
+    shrink: usize,
+    /// Also run the expert-parallel reference over this many simulated ranks and compare.
+    #[arg(long)]
+    world: Option<usize>,
+    /// Seed of the random weights and tokens.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Also write the summary as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -60,17 +84,37 @@ fn run(cli: Cli) -> comet_bench::Result<()> {
                 println!("{}", probe::describe(&r));
             }
         }
+        Cmd::CpuReference(a) => {
+            let run = cpu::run(&cpu::CpuRequest {
+                preset: a.preset,
+                tokens: a.tokens,
+                shrink: a.shrink,
+                world: a.world,
+                seed: a.seed,
+            })?;
+            println!("{}", run.describe());
+            if let Some(path) = a.json {
+                let text = serde_json::to_string_pretty(&run).map_err(|source| {
+                    comet_bench::Error::Json {
+                        path: path.clone(),
+                        source,
+                    }
+                })?;
+                std::fs::write(&path, text + "\n")
+                    .map_err(|source| comet_bench::Error::Io { path, source })?;
+            }
+        }
         Cmd::Report {
             out,
             dry_run,
             reports,
         } => {
-            let mut ranks = Vec::new();
+            let mut inputs = Vec::new();
             for p in reports {
-                let r = report::read_rank(&p)?;
-                ranks.push((p, r));
+                let i = report::read_input(&p)?;
+                inputs.push((p, i));
             }
-            let results = report::gather(ranks, &report::today())?;
+            let results = report::gather_inputs(inputs, &report::today())?;
             println!("{}", report::table(&results));
             if !dry_run {
                 let (json, svg) = report::write(&results, &out)?;

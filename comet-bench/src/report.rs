@@ -13,16 +13,20 @@
 //! ```
 //!
 //! `flops` is the expert-GEMM work this rank did in one iteration, `comm_bytes` the bytes it
-//! sent to other ranks in one iteration; both optional. The PyTorch baseline writes the same
-//! schema, so its files can be passed along with the ranks'.
+//! sent to other ranks in one iteration; both optional.
+//!
+//! The PyTorch baseline's record (`bench/torch_reference.py bench --json`, bench/INTEROP.md
+//! §8, `"impl": "torch"`) is accepted beside the rank reports: it is already gathered over
+//! its ranks and becomes the `pytorch` strategy's forward (and forward + backward) cases; its
+//! phases are means over ranks and its communication rate uses the mean rank's bytes.
 //!
 //! # Gathering
 //! A case (preset, strategy, tokens, dtype, forward/backward) must be reported by every rank
 //! `0..world_size` exactly once. Its layer time is the slowest rank's median; phases likewise
 //! (max over ranks). TFLOP/s per GPU = Σ flops / time / world. Ratio to the compute floor =
 //! time / max over ranks of (flops / dense GEMM rate measured in the same run). Comm GB/s =
-//! the busiest rank's bytes / time. Share of communication hidden (non-Sequential strategies)
-//! = (t_sequential − t) / (Sequential's dispatch + combine time).
+//! the busiest rank's bytes / time. Share of communication hidden (comet-rs's overlapping
+//! strategies) = (t_sequential − t) / (Sequential's dispatch + combine time).
 
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
@@ -139,7 +143,7 @@ pub struct GatheredCase {
     pub key: CaseKey,
     /// Layer time: the slowest rank's median, ms.
     pub ms: f64,
-    /// Each rank's median, ms.
+    /// Each rank's median, ms (empty for a baseline record gathered elsewhere).
     pub ms_per_rank: Vec<f64>,
     /// Per phase, the slowest rank's median, ms.
     pub phases_ms: BTreeMap<String, f64>,
@@ -168,24 +172,178 @@ pub struct Results {
     pub git_commit: Option<String>,
     /// Every case, sorted.
     pub cases: Vec<GatheredCase>,
-    /// The raw rank reports (and baselines) the cases came from.
+    /// The raw rank reports the cases came from.
     pub ranks: Vec<RankReport>,
+    /// The raw PyTorch baseline records (bench/INTEROP.md §8).
+    #[serde(default)]
+    pub baselines: Vec<serde_json::Value>,
 }
 
-/// Read a rank report.
-pub fn read_rank(path: &Path) -> Result<RankReport> {
+/// The record `bench/torch_reference.py bench --json` writes (bench/INTEROP.md §8): the
+/// PyTorch + NCCL expert-parallel layer, already gathered over its ranks. Only the fields the
+/// table needs are read; the whole record is kept in [`Results::baselines`].
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct TorchRecord {
+    /// `"torch"`.
+    #[serde(rename = "impl")]
+    pub implementation: String,
+    /// Canonical preset name (or "custom").
+    pub preset: String,
+    /// Tokens per rank.
+    pub tokens_per_rank: usize,
+    /// Ranks.
+    pub world: usize,
+    /// GPU name.
+    pub gpu: String,
+    /// Data type.
+    pub dtype: String,
+    /// Median forward time, max over ranks, ms.
+    pub forward_ms: f64,
+    /// Forward phases, ms (mean over ranks).
+    #[serde(default)]
+    pub phases: BTreeMap<String, f64>,
+    /// Expert-GEMM TFLOP/s per GPU, forward.
+    #[serde(default)]
+    pub tflops: Option<f64>,
+    /// Compute floor over forward time (≤ 1).
+    #[serde(default)]
+    pub ratio_to_floor: Option<f64>,
+    /// Communication volume.
+    #[serde(default)]
+    pub comm: Option<TorchComm>,
+    /// Median forward + backward time, max over ranks, ms (with `--backward`).
+    #[serde(default)]
+    pub fwd_bwd_ms: Option<f64>,
+    /// Forward phases in the training loop, ms.
+    #[serde(default)]
+    pub phases_train: BTreeMap<String, f64>,
+    /// Expert-GEMM TFLOP/s per GPU, forward + backward.
+    #[serde(default)]
+    pub tflops_fwd_bwd: Option<f64>,
+    /// Compute floor over forward + backward time.
+    #[serde(default)]
+    pub ratio_to_floor_fwd_bwd: Option<f64>,
+    /// Commit.
+    #[serde(default)]
+    pub git_commit: Option<String>,
+}
+
+/// `comm` of a [`TorchRecord`].
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct TorchComm {
+    /// Bytes sent to other ranks per rank and iteration (mean over ranks).
+    pub remote_bytes: f64,
+}
+
+/// An input of `comet-bench report`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Input {
+    /// A comet-bench rank report.
+    Rank(RankReport),
+    /// A PyTorch baseline record, with its raw JSON.
+    Torch(TorchRecord, serde_json::Value),
+}
+
+/// Read a rank report or a PyTorch record (told apart by `"impl": "torch"`).
+pub fn read_input(path: &Path) -> Result<Input> {
     let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
         path: path.to_path_buf(),
         source,
     })?;
-    serde_json::from_str(&text).map_err(|source| Error::Json {
+    let json = |source| Error::Json {
         path: path.to_path_buf(),
         source,
-    })
+    };
+    let value: serde_json::Value = serde_json::from_str(&text).map_err(json)?;
+    if value.get("impl").and_then(|v| v.as_str()) == Some("torch") {
+        let rec = serde_json::from_value(value.clone()).map_err(json)?;
+        Ok(Input::Torch(rec, value))
+    } else {
+        Ok(Input::Rank(serde_json::from_value(value).map_err(json)?))
+    }
+}
+
+/// Read a rank report.
+pub fn read_rank(path: &Path) -> Result<RankReport> {
+    match read_input(path)? {
+        Input::Rank(r) => Ok(r),
+        Input::Torch(..) => Err(Error::Schema {
+            path: path.to_path_buf(),
+            found: "torch".into(),
+            expected: RANK_SCHEMA,
+        }),
+    }
+}
+
+/// The table cases of a PyTorch record: forward, and forward + backward when timed.
+fn torch_cases(path: &Path, t: &TorchRecord) -> Result<Vec<GatheredCase>> {
+    let mut out = Vec::new();
+    let mut add = |backward: bool,
+                   ms: f64,
+                   phases: &BTreeMap<String, f64>,
+                   tflops: Option<f64>,
+                   ratio: Option<f64>|
+     -> Result<()> {
+        let key = CaseKey {
+            preset: t.preset.clone(),
+            strategy: "pytorch".into(),
+            tokens_per_rank: t.tokens_per_rank,
+            dtype: t.dtype.clone(),
+            backward,
+        };
+        if !(ms.is_finite() && ms > 0.0) {
+            return Err(Error::BadTime {
+                path: path.to_path_buf(),
+                case: key.to_string(),
+                value: ms,
+            });
+        }
+        out.push(GatheredCase {
+            key,
+            ms,
+            ms_per_rank: Vec::new(),
+            phases_ms: phases.clone(),
+            tflops_per_gpu: tflops,
+            floor_ratio: ratio.filter(|r| *r > 0.0).map(|r| 1.0 / r),
+            comm_gb_s: t.comm.as_ref().map(|c| c.remote_bytes / (ms * 1e-3) / 1e9),
+            comm_hidden: None,
+        });
+        Ok(())
+    };
+    add(false, t.forward_ms, &t.phases, t.tflops, t.ratio_to_floor)?;
+    if let Some(fb) = t.fwd_bwd_ms {
+        add(
+            true,
+            fb,
+            &t.phases_train,
+            t.tflops_fwd_bwd,
+            t.ratio_to_floor_fwd_bwd,
+        )?;
+    }
+    Ok(out)
 }
 
 /// Gather rank reports (each with the file it came from, for error messages).
 pub fn gather(reports: Vec<(PathBuf, RankReport)>, date: &str) -> Result<Results> {
+    gather_inputs(
+        reports
+            .into_iter()
+            .map(|(p, r)| (p, Input::Rank(r)))
+            .collect(),
+        date,
+    )
+}
+
+/// Gather rank reports and PyTorch baseline records.
+pub fn gather_inputs(inputs: Vec<(PathBuf, Input)>, date: &str) -> Result<Results> {
+    let mut reports = Vec::new();
+    let mut torch = Vec::new();
+    for (p, i) in inputs {
+        match i {
+            Input::Rank(r) => reports.push((p, r)),
+            Input::Torch(t, raw) => torch.push((p, t, raw)),
+        }
+    }
     let mut world = None;
     let mut per_case: BTreeMap<CaseKey, BTreeMap<usize, (&CaseResult, &RankReport)>> =
         BTreeMap::new();
@@ -231,8 +389,18 @@ pub fn gather(reports: Vec<(PathBuf, RankReport)>, date: &str) -> Result<Results
             }
         }
     }
+    for (path, t, _) in &torch {
+        let w = *world.get_or_insert(t.world);
+        if t.world != w {
+            return Err(Error::WorldMismatch {
+                path: path.clone(),
+                found: t.world,
+                expected: w,
+            });
+        }
+    }
     let world = world.ok_or(Error::NoResults)?;
-    if per_case.is_empty() {
+    if per_case.is_empty() && torch.is_empty() {
         return Err(Error::NoResults);
     }
 
@@ -278,7 +446,19 @@ pub fn gather(reports: Vec<(PathBuf, RankReport)>, date: &str) -> Result<Results
             comm_hidden: None,
         });
     }
-    // Share of Sequential's communication hidden by the other strategies.
+    for (path, t, _) in &torch {
+        for c in torch_cases(path, t)? {
+            if cases.iter().any(|o: &GatheredCase| o.key == c.key) {
+                return Err(Error::DuplicateCase {
+                    path: path.clone(),
+                    case: c.key.to_string(),
+                });
+            }
+            cases.push(c);
+        }
+    }
+    cases.sort_by(|a, b| a.key.cmp(&b.key));
+    // Share of Sequential's communication hidden by the other comet-rs strategies.
     let seq: BTreeMap<(String, Group), (f64, Option<f64>)> = cases
         .iter()
         .filter(|c| c.key.strategy == "sequential")
@@ -290,7 +470,8 @@ pub fn gather(reports: Vec<(PathBuf, RankReport)>, date: &str) -> Result<Results
             ((c.key.preset.clone(), c.key.group()), (c.ms, comm))
         })
         .collect();
-    for c in cases.iter_mut().filter(|c| c.key.strategy != "sequential") {
+    let overlapping = |s: &str| s != "sequential" && s != "pytorch";
+    for c in cases.iter_mut().filter(|c| overlapping(&c.key.strategy)) {
         if let Some((t_seq, Some(t_comm))) = seq.get(&(c.key.preset.clone(), c.key.group())) {
             c.comm_hidden = Some((t_seq - c.ms) / t_comm);
         }
@@ -302,8 +483,12 @@ pub fn gather(reports: Vec<(PathBuf, RankReport)>, date: &str) -> Result<Results
         .iter()
         .find(|r| r.rank == 0)
         .map(|r| r.gpu_name.clone())
+        .or_else(|| torch.first().map(|(_, t, _)| t.gpu.clone()))
         .unwrap_or_default();
-    let git_commit = ranks.iter().find_map(|r| r.git_commit.clone());
+    let git_commit = ranks
+        .iter()
+        .find_map(|r| r.git_commit.clone())
+        .or_else(|| torch.iter().find_map(|(_, t, _)| t.git_commit.clone()));
     Ok(Results {
         schema: RESULTS_SCHEMA.to_string(),
         date: date.to_string(),
@@ -312,6 +497,7 @@ pub fn gather(reports: Vec<(PathBuf, RankReport)>, date: &str) -> Result<Results
         git_commit,
         cases,
         ranks,
+        baselines: torch.into_iter().map(|(_, _, raw)| raw).collect(),
     })
 }
 
@@ -839,28 +1025,85 @@ mod tests {
         assert!(matches!(gather(vec![], "d").unwrap_err(), Error::NoResults));
     }
 
+    /// A record as `bench/torch_reference.py bench --backward --json` writes it.
+    const TORCH_JSON: &str = r#"{"impl": "torch", "preset": "mixtral-8x7b", "tokens_per_rank": 8192,
+        "world": 2, "gpu": "NVIDIA H200", "torch_version": "2.11", "grouped_mm": true,
+        "dtype": "bf16", "shape": {"hidden": 4096}, "iters": 20, "date": "2026-11-29T18:00:00+00:00",
+        "git_commit": "def456", "forward_ms": 6.0,
+        "phases": {"routing": 0.2, "dispatch": 2.0, "experts": 3.0, "combine": 0.8},
+        "tflops": 166.7, "expert_flops_fwd": 1e12, "dense_tflops": 790.0, "dense_n": 8192,
+        "ratio_to_floor": 0.25, "comm": {"remote_bytes": 3e8, "dispatch_gbps": 150, "combine_gbps": 375},
+        "per_rank": [], "backward_ms": 12.0, "fwd_bwd_ms": 18.0,
+        "phases_train": {"routing": 0.3}, "tflops_fwd_bwd": 166.7, "ratio_to_floor_fwd_bwd": 0.2}"#;
+
+    fn torch_input(dir: &Path, name: &str, text: &str) -> (PathBuf, Input) {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        let i = read_input(&p).unwrap();
+        (p, i)
+    }
+
     #[test]
-    fn baseline_files_merge_into_the_table() {
-        let mut reports = fake();
-        // A PyTorch baseline run writes its own rank files in the same schema.
-        for r in 0..2 {
-            let (mut p, mut rep) = rank(r, 2, vec![case("mixtral-8x7b", "pytorch", 6.0)]);
-            p.set_file_name(format!("torch-rank{r}.json"));
-            rep.dense_gemm_tflops = None;
-            reports.push((p, rep));
-        }
-        let r = gather(reports, "2026-11-29").unwrap();
-        let t = table(&r);
-        let pos = |s: &str| t.find(s).unwrap_or_else(|| panic!("{s} missing:\n{t}"));
-        assert!(pos("| sequential") < pos("| comet") && pos("| comet") < pos("| pytorch"));
-        // The baseline has no dense rate: its floor ratio is unknown, not made up.
+    fn pytorch_records_join_the_table() {
+        let dir = std::env::temp_dir().join(format!("comet-bench-torch-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut inputs: Vec<(PathBuf, Input)> = fake()
+            .into_iter()
+            .map(|(p, r)| (p, Input::Rank(r)))
+            .collect();
+        inputs.push(torch_input(&dir, "torch.json", TORCH_JSON));
+        let r = gather_inputs(inputs.clone(), "2026-11-29").unwrap();
         let py = r
             .cases
             .iter()
-            .find(|c| c.key.strategy == "pytorch")
+            .find(|c| c.key.strategy == "pytorch" && !c.key.backward)
             .unwrap();
-        assert_eq!(py.floor_ratio, None);
-        assert!(py.comm_hidden.unwrap() < 0.0);
+        assert_eq!(py.ms, 6.0);
+        assert_eq!(py.floor_ratio, Some(4.0));
+        // 3e8 bytes over 6 ms = 50 GB/s.
+        assert!((py.comm_gb_s.unwrap() - 50.0).abs() < 1e-9);
+        // Only comet-rs's overlapping strategies get a "hidden" share.
+        assert_eq!(py.comm_hidden, None);
+        let bwd = r
+            .cases
+            .iter()
+            .find(|c| c.key.strategy == "pytorch" && c.key.backward)
+            .unwrap();
+        assert_eq!(bwd.ms, 18.0);
+        assert_eq!(r.baselines.len(), 1);
+        let t = table(&r);
+        let pos = |s: &str| t.find(s).unwrap_or_else(|| panic!("{s} missing:\n{t}"));
+        assert!(pos("| sequential") < pos("| comet") && pos("| comet") < pos("| pytorch"));
+        assert!(t.contains("forward + backward"), "{t}");
+        svg(&r).unwrap();
+
+        // The same record twice, or from a run of another size, is an error.
+        let mut twice = inputs.clone();
+        twice.push(torch_input(&dir, "torch2.json", TORCH_JSON));
+        assert!(matches!(
+            gather_inputs(twice, "d").unwrap_err(),
+            Error::DuplicateCase { .. }
+        ));
+        let mut other = inputs;
+        other.push(torch_input(
+            &dir,
+            "torch4.json",
+            &TORCH_JSON.replace("\"world\": 2", "\"world\": 4"),
+        ));
+        assert!(matches!(
+            gather_inputs(other, "d").unwrap_err(),
+            Error::WorldMismatch {
+                found: 4,
+                expected: 2,
+                ..
+            }
+        ));
+        // A torch record is not a rank report.
+        assert!(matches!(
+            read_rank(&dir.join("torch.json")).unwrap_err(),
+            Error::Schema { .. }
+        ));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -53,7 +53,7 @@ pub struct BenchArgs {
     /// Directory for each rank's JSON and log (default: a new one under the temp dir).
     #[arg(long)]
     pub scratch: Option<PathBuf>,
-    /// More rank JSON files to put in the table (e.g. the PyTorch baseline's).
+    /// More inputs for the table: rank reports, or PyTorch records (bench/INTEROP.md §8).
     #[arg(long)]
     pub extra: Vec<PathBuf>,
     /// Time limit for the whole GPU run, in seconds.
