@@ -279,9 +279,10 @@ impl Communicator {
             return Err(Error::invalid("devices", "[]", "at least one device"));
         }
         let visible = device_count()?;
-        if let Some(&bad) = devices.iter().find(|&&d| d >= visible) {
+        let highest = devices.iter().copied().max().unwrap_or(0);
+        if highest >= visible {
             return Err(Error::NotEnoughDevices {
-                needed: bad + 1,
+                needed: highest + 1,
                 found: visible,
             });
         }
@@ -520,8 +521,14 @@ impl Communicator {
         self.wait(&self.stream, "the communicator stream")
     }
 
-    /// All ranks reach this point before any leaves it (bounded; aborts on timeout).
+    /// All ranks reach this point before any leaves it (bounded by the communicator's
+    /// timeout; aborts the communicator on expiry).
     pub fn barrier(&self) -> Result<()> {
+        self.barrier_with_timeout(self.timeout)
+    }
+
+    /// [`Communicator::barrier`] with an explicit bound.
+    pub fn barrier_with_timeout(&self, timeout: Duration) -> Result<()> {
         let _span = tracing::debug_span!("barrier", rank = self.rank).entered();
         self.live()?;
         let p = self.scratch.ptr();
@@ -538,7 +545,17 @@ impl Communicator {
             )
         };
         self.check(r, "ncclAllReduce (barrier)")?;
-        self.wait(&self.stream, "a barrier (a rank missing?)")
+        let r = wait_stream(
+            &self.stream,
+            timeout,
+            self.rank,
+            "a barrier (a rank missing?)",
+            || self.async_error(),
+        );
+        if r.is_err() {
+            self.abort();
+        }
+        r
     }
 
     fn elems_check<T>(
