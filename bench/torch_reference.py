@@ -392,6 +392,11 @@ def cmd_gen(args) -> int:
         favoured = list(range(0, E, 2))
         if len(favoured) < k:
             raise InteropError(f"--route sparse uses the {len(favoured)} even experts, fewer than top_k = {k}")
+        if args.zero_tokens and k > 1:
+            raise InteropError(
+                f"--route sparse with --zero-tokens {args.zero_tokens}: zero tokens tie and go to experts "
+                f"0..{k - 1}, odd ones included; use one or the other"
+            )
 
     os.makedirs(args.out, exist_ok=True)
     g = torch.Generator().manual_seed(args.seed)

@@ -466,6 +466,7 @@ class BadInput(unittest.TestCase):
                 (["--experts", "4", "--top-k", "5", "--world", "2"], "top_k = 5 exceeds experts = 4"),
                 (["--experts", "8", "--top-k", "3", "--world", "4", "--route", "one-rank"], "experts/world = 2 >= top_k = 3"),
                 (["--experts", "8", "--world", "2", "--hidden", "0"], "hidden = 0"),
+                (["--experts", "8", "--world", "2", "--route", "sparse", "--zero-tokens", "1"], "use one or the other"),
             ]
             for extra, msg in cases:
                 args = ["gen", "--out", d, "--preset", "custom", "--hidden", "16", "--ffn", "8", "--top-k", "2",
