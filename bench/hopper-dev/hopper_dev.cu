@@ -24,7 +24,7 @@
 #include <string>
 #include <vector>
 
-#include "../../comet-kernels/cuda/sm90/grouped_gemm.cuh"
+#include "sm90/grouped_gemm.cuh"
 
 using namespace comet_sm90;
 
@@ -270,6 +270,7 @@ struct Variant {
   bool f16;
   int bn;
   bool pingpong;
+  int cluster;
   int (*smem)(int);
   GroupedGemmArgs (*prepare)(const Problem&, const Buffers&);
   void (*launch)(const GroupedGemmArgs&, int num_experts, int grid, cudaStream_t);
@@ -334,6 +335,7 @@ GroupedGemmArgs prepare_variant(const Problem& p, const Buffers& b) {
   g.num_experts = p.E;
   g.n_out = p.n_out();
   g.ldo = b.ldo;
+  g.rows_cap = (int)b.a_rows_alloc;
   return g;
 }
 
@@ -346,17 +348,49 @@ void launch_variant(const GroupedGemmArgs& g, int num_experts, int grid, cudaStr
     CK(cudaFuncSetAttribute(gg_kernel<C>, cudaFuncAttributeMaxDynamicSharedMemorySize, 232448));
     attr_set = true;
   }
-  gg_kernel<C><<<grid, C::THREADS, smem, st>>>(g, hook);
+  if (C::CLUSTER == 1) {
+    gg_kernel<C><<<grid, C::THREADS, smem, st>>>(g, hook);
+    return;
+  }
+  cudaLaunchConfig_t cfg = {};
+  cudaLaunchAttribute at[1];
+  at[0].id = cudaLaunchAttributeClusterDimension;
+  at[0].val.clusterDim.x = C::CLUSTER;
+  at[0].val.clusterDim.y = 1;
+  at[0].val.clusterDim.z = 1;
+  cfg.blockDim = dim3(C::THREADS);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = st;
+  cfg.attrs = at;
+  cfg.numAttrs = 1;
+  // Persistent grid: as many clusters as can be resident at once.
+  static int max_clusters = 0;
+  if (max_clusters == 0) {
+    cfg.gridDim = dim3(grid);
+    CK(cudaOccupancyMaxActiveClusters(&max_clusters, gg_kernel<C>, &cfg));
+    printf("    [%d-CTA clusters: %d resident]\n", C::CLUSTER, max_clusters);
+    if (max_clusters < 1) {
+      fprintf(stderr, "no cluster fits\n");
+      exit(2);
+    }
+  }
+  cfg.gridDim = dim3(max_clusters * C::CLUSTER);
+  CK(cudaLaunchKernelEx(&cfg, gg_kernel<C>, g, hook));
 }
 
 template <class C>
 Variant make_variant(const char* name) {
-  return Variant{name, C::MODE, C::EPI, C::IN_F16, C::BN, C::PINGPONG, &C::smem_bytes,
+  return Variant{name, C::MODE, C::EPI, C::IN_F16, C::BN, C::PINGPONG, C::CLUSTER, &C::smem_bytes,
                  &prepare_variant<C>, &launch_variant<C>, &count_tiles<C>};
 }
 
 static std::vector<Variant> all_variants() {
   std::vector<Variant> v;
+  // 2-CTA clusters, weight tile multicast
+  v.push_back(make_variant<Config<MODE_FWD, 256, false, 4, EPI_NONE, false, false, 16, 2>>("c2coop256"));
+  v.push_back(make_variant<Config<MODE_FWD, 256, false, 4, EPI_SWIGLU, false, false, 16, 2>>("c2coop256"));
+  v.push_back(make_variant<Config<MODE_FWD, 256, false, 4, EPI_GELU, false, false, 16, 2>>("c2coop256"));
+  v.push_back(make_variant<Config<MODE_DGRAD, 256, false, 4, EPI_NONE, false, false, 16, 2>>("c2coop256"));
   // forward, plain
   v.push_back(make_variant<Config<MODE_FWD, 256, false, 4, EPI_NONE>>("coop256x4"));
   v.push_back(make_variant<Config<MODE_FWD, 128, true, 6, EPI_NONE>>("pp128x6"));

@@ -22,16 +22,19 @@ for s in $STEPS; do
     small) timeout 40 "$D/hopper_dev" --small > "$O/small.log" 2>&1; rc=$? ;;
     full) timeout ${FULL_LIMIT:-130} "$D/hopper_dev" --iters ${ITERS:-20} --json "$O/hopper-gemm.json" > "$O/full.log" 2>&1; rc=$? ;;
     memcheck) timeout 35 compute-sanitizer --tool memcheck --print-limit 20 "$D/hopper_dev" --small --only ${SAN_ONLY:-edge.} > "$O/memcheck.log" 2>&1; rc=$? ;;
-    racecheck) timeout 35 compute-sanitizer --tool racecheck --print-limit 20 "$D/hopper_dev" --small --only ${RACE_ONLY:-edge.fwd.ragged} > "$O/racecheck.log" 2>&1; rc=$? ;;
-    ncu) timeout 30 ncu --clock-control none --kernel-name regex:gg_kernel --launch-count 1 \
-           --section SpeedOfLight --section Occupancy --section LaunchStats \
-           "$D/hopper_dev" --only mixtral.gemm1 --no-timing > "$O/ncu.log" 2>&1; rc=$? ;;
+    racecheck) timeout 40 compute-sanitizer --tool racecheck --print-limit 20 "$D/hopper_dev" --small --only ${RACE_ONLY:-.ragged} > "$O/racecheck.log" 2>&1; rc=$? ;;
+    ncu) # plain vs SwiGLU (Mixtral gemm0), cluster vs not; then DeepSeek gemm0 DRAM bytes
+         M="--metrics dram__bytes_read.sum,dram__bytes_write.sum,lts__t_sector_hit_rate.pct,gpu__time_duration.sum"
+         timeout 45 ncu --clock-control none --kernel-name regex:gg_kernel --launch-count 6 \
+           --section SpeedOfLight $M "$D/hopper_dev" --only mixtral.gemm0 --no-timing > "$O/ncu.log" 2>&1; rc=$?
+         timeout 30 ncu --clock-control none --kernel-name regex:gg_kernel --launch-count 2 \
+           --section SpeedOfLight $M "$D/hopper_dev" --only deepseekv3.gemm0 --no-timing >> "$O/ncu.log" 2>&1 ;;
   esac
   echo "== step $s: rc=$rc, $(( $(date +%s) - t0 )) s"
   case $s in
     small) grep -E "FAIL|OK:|failing|error|Error" "$O/small.log" | head -30 ;;
     full) grep -E "FAIL|failing|error|Error|cuBLAS dense bf16" "$O/full.log" | head -20; sed -n '/^problem/,$p' "$O/full.log" ;;
     memcheck|racecheck) grep -E "ERROR SUMMARY|Hazard|Invalid|error" "$O/$s.log" | head -12 ;;
-    ncu) grep -E "gg_kernel|Duration|Compute \(SM\) Throughput|Memory Throughput|DRAM Throughput|Registers|Achieved Occupancy|SM Frequency" "$O/ncu.log" | head -20 ;;
+    ncu) grep -E "gg_kernel<|SM Frequency|Compute \(SM\) Throughput|L2 Cache Throughput|dram__bytes|lts__t_sector_hit|gpu__time_duration" "$O/ncu.log" | sed -E 's/ +/ /g' | cut -c1-110 | head -64 ;;
   esac
 done

@@ -1,6 +1,6 @@
 // Compile-time configuration of the Hopper tile engine and the kernel argument block.
 #pragma once
-#include "ptx.cuh"
+#include "sm90/ptx.cuh"
 
 namespace comet_sm90 {
 
@@ -31,8 +31,12 @@ enum : int {
 ///            128 rows, so one warpgroup's epilogue overlaps the other's mainloop; BN <= 128).
 ///  STAGES:   depth of the shared-memory ring.
 ///  BAND:     m-tiles per raster band (L2 reuse of A across n-tiles).
+///  CLUSTER:  1, or 2 = pairs of CTAs (a cluster) take pairs of consecutive tiles; when both
+///            tiles use the same weight tile (same expert and n-tile) each CTA loads half of
+///            it and multicasts it to both (half the B traffic from L2, and the pair reads the
+///            weights from DRAM once, in lock-step). Launch with cluster dimension (2, 1, 1).
 template <int MODE_, int BN_, bool PINGPONG_, int STAGES_, int EPI_, bool IN_F16_ = false,
-          bool OUT_F16_ = false, int BAND_ = 16>
+          bool OUT_F16_ = false, int BAND_ = 16, int CLUSTER_ = 1>
 struct Config {
   static constexpr int MODE = MODE_;
   static constexpr int BM = 128;
@@ -44,6 +48,7 @@ struct Config {
   static constexpr bool IN_F16 = IN_F16_;
   static constexpr bool OUT_F16 = OUT_F16_;
   static constexpr int BAND = BAND_;
+  static constexpr int CLUSTER = CLUSTER_;
   static constexpr bool KGROUPED = MODE == MODE_WGRAD;
   static constexpr bool A_MN = MODE == MODE_WGRAD;  // A stored M-major in shared memory
   static constexpr bool B_MN = MODE != MODE_FWD;    // B stored N-major in shared memory
@@ -52,7 +57,9 @@ struct Config {
   static constexpr int MW = PINGPONG ? 2 : 1;  // m64 blocks per consumer warpgroup
   static constexpr int ACC_N = BN / 2;         // f32 accumulators per thread per m64 block
   static constexpr int OUT_BN = EPI == EPI_SWIGLU ? BN / 2 : BN;  // output columns per tile
-  static constexpr int EMPTY_ARRIVALS = PINGPONG ? 4 : 8;  // one per consuming warp
+  // Arrivals that free a stage: one per consuming warp; with clusters, the consuming warps of
+  // both CTAs (every stage, shared or not: see grouped_gemm_cluster_roles).
+  static constexpr int EMPTY_ARRIVALS = CLUSTER == 2 ? 16 : PINGPONG ? 4 : 8;
 
   static constexpr int A_STAGE_BYTES = BM * BK * 2;
   static constexpr int B_STAGE_BYTES = BN * BK * 2;
@@ -75,6 +82,8 @@ struct Config {
   static_assert(!PINGPONG || BN <= 128, "ping-pong keeps 128 rows per warpgroup: BN <= 128");
   static_assert(EPI == EPI_NONE || MODE == MODE_FWD, "activations are forward-only");
   static_assert(OUT_BN % 64 == 0, "epilogue works in 64-column chunks");
+  static_assert(CLUSTER == 1 || (CLUSTER == 2 && !PINGPONG && !KGROUPED),
+                "clusters: cooperative forward/dgrad only (equal k-blocks per tile)");
 };
 
 /// Kernel argument block (mirrored by the Rust launcher: keep the layout in sync).
@@ -100,7 +109,13 @@ struct GroupedGemmArgs {
   int ldo;                     ///< output row stride in elements (multiple of 8)
   int k;                       ///< reduction length (forward/dgrad)
   int m_out;                   ///< wgrad: output rows per expert
-  int reserved;
+  int rows_cap;                ///< rows of A / out (forward, dgrad) or of A and B (wgrad);
+                               ///< device offsets are clamped to it (ERR_BAD_OFFSETS)
 };
+// Layout the Rust mirror (comet-kernels/src/sm90/launch.rs) relies on.
+static_assert(sizeof(TmaDesc) == 128 && alignof(TmaDesc) == 128, "TmaDesc layout");
+static_assert(sizeof(GroupedGemmArgs) == 384, "GroupedGemmArgs layout");
+// (field offsets: out 256, expert_offsets 264, row_scale 272, tile_order 280, error_flag 288,
+//  num_experts 296, n_out 300, ldo 304, k 308, m_out 312, rows_cap 316)
 
 }  // namespace comet_sm90

@@ -3,8 +3,8 @@
 // warpgroup, then written with 16-byte stores. Rows past the tile's valid rows (an expert's
 // end) and columns past n_out are never written.
 #pragma once
-#include "config.cuh"
-#include "scheduler.cuh"
+#include "sm90/config.cuh"
+#include "sm90/scheduler.cuh"
 
 namespace comet_sm90 {
 

@@ -13,15 +13,60 @@
 //   }
 // launched with C::smem_bytes(num_experts) bytes of dynamic shared memory.
 #pragma once
-#include "config.cuh"
-#include "epilogue.cuh"
-#include "mainloop.cuh"
-#include "scheduler.cuh"
+#include "sm90/config.cuh"
+#include "sm90/epilogue.cuh"
+#include "sm90/mainloop.cuh"
+#include "sm90/scheduler.cuh"
 
 namespace comet_sm90 {
 
+/// Roles of a CTA in a 2-CTA cluster (see Config::CLUSTER). Every thread returns here.
+template <class C, class Hook, class Sched>
+__device__ __forceinline__ void grouped_gemm_cluster_roles(const GroupedGemmArgs& g,
+                                                           const Hook& hook,
+                                                           const Sched& sched,
+                                                           const Ring<C>& ring, u32 base) {
+  const int rank = (int)cluster_ctarank();
+  const int wg = __shfl_sync(0xffffffffu, (int)(threadIdx.x / 128), 0);
+  if (wg == 0) {
+    setmaxnreg_dec<40>();
+    if (threadIdx.x == 0) producer_loop_cluster<C>(g, sched, ring, hook, rank);
+    return;
+  }
+  setmaxnreg_inc<232>();
+  const int cw = wg - 1;
+  const int wtid = threadIdx.x - 128 * wg;
+  const int ctid = threadIdx.x - 128;
+  const u32 stage = base + C::OFF_EPI + cw * C::EPI_WG_BYTES;
+  const u32 peer = (u32)(rank ^ 1);
+  RingPos pos{0, 0};
+  const int npairs = (sched.total + 1) / 2;
+  for (int u = (int)cluster_id_x(); u < npairs; u += (int)cluster_count_x()) {
+    TilePair pr = decode_pair(sched, u, rank);
+    const bool own = __shfl_sync(0xffffffffu, (int)pr.own_valid, 0) != 0;
+    const bool any = own || __shfl_sync(0xffffffffu, (int)pr.peer_valid, 0) != 0;
+    if (!any) continue;
+    const bool shared_b = __shfl_sync(0xffffffffu, (int)pr.shared_b, 0) != 0;
+    Tile t = pr.own;
+    make_warp_uniform(t);
+    if (!own) t.k_len = __shfl_sync(0xffffffffu, pr.kbs, 0) * C::BK;  // run the pair's stages
+    const int rows_wg = own ? t.rows - 64 * cw : 0;
+    float acc[C::MW][C::ACC_N];
+    // Stages are always released to both CTAs, shared or not: a peer's multicast into a
+    // stage must wait until this CTA is done with that stage's previous contents too.
+    (void)shared_b;
+    consumer_mainloop<C>(acc, ring, pos, t, cw, rows_wg > 0 ? 1 : 0, ctid, 3, 256,
+                         RELEASE_PAIR, peer);
+    if (own) epilogue_store<C>(acc, g, t, t.row_begin + 64 * cw, rows_wg, stage, wtid, 1 + cw);
+  }
+}
+
 template <class C, class Hook>
 __device__ __forceinline__ void grouped_gemm(const GroupedGemmArgs& g, const Hook& hook) {
+  if (C::CLUSTER > 1 && cluster_size() != (u32)C::CLUSTER) {
+    if (threadIdx.x == 0) report_error(g.error_flag, ERR_BAD_LAUNCH);
+    return;  // uniform over the grid: nothing was touched yet
+  }
   extern __shared__ unsigned char comet_sm90_smem[];
   const u32 raw = smem_addr(comet_sm90_smem);
   const u32 base = (raw + 1023u) & ~1023u;
@@ -44,9 +89,17 @@ __device__ __forceinline__ void grouped_gemm(const GroupedGemmArgs& g, const Hoo
   }
   const int n_tiles = (g.n_out + C::OUT_BN - 1) / C::OUT_BN;
   Sched sched = Sched::setup(s_off, s_pref, g.expert_offsets, g.num_experts, n_tiles, g.m_out,
-                             g.k, g.tile_order, g.error_flag);
+                             g.k, g.rows_cap, g.tile_order, g.error_flag);
   __syncthreads();
   sched.finish();
+  if (C::CLUSTER == 2) {
+    // The peer's barriers must be initialised before any multicast or remote arrival.
+    cluster_sync();
+    grouped_gemm_cluster_roles<C>(g, hook, sched, ring, base);
+    // No CTA may exit while its peer can still arrive on its barriers.
+    cluster_sync();
+    return;
+  }
 
   // Broadcast from lane 0 so the compiler knows the role is warp-uniform (wgmma in a
   // possibly divergent path gets serialised: ptxas C7520).

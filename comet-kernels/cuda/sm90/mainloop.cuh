@@ -8,9 +8,9 @@
 // Every role walks the same tile sequence and each tile consumes ceil(k_len / 64) stages, so
 // ring positions agree without any other communication.
 #pragma once
-#include "config.cuh"
-#include "scheduler.cuh"
-#include "wgmma.cuh"
+#include "sm90/config.cuh"
+#include "sm90/scheduler.cuh"
+#include "sm90/wgmma.cuh"
 
 namespace comet_sm90 {
 
@@ -49,10 +49,12 @@ __device__ __forceinline__ u64 make_policy() {
 }
 
 /// Issues the TMA loads of k-block `kb` of tile `t` into stage `s` (one thread).
+/// `mc`: the weight tile is shared with the peer CTA of a 2-CTA cluster; this CTA loads only
+/// its half (`rank`) and multicasts it to both (the peer loads the other half).
 template <class C>
 __device__ __forceinline__ void load_stage(const GroupedGemmArgs& g, const Ring<C>& ring,
-                                           int s, const Tile& t, int kb, u64 pol_a,
-                                           u64 pol_b) {
+                                           int s, const Tile& t, int kb, u64 pol_a, u64 pol_b,
+                                           bool mc = false, int rank = 0) {
   const u32 bar = ring.full(s);
   mbar_arrive_expect_tx(bar, C::STAGE_BYTES);
   const u32 sa = ring.a(s);
@@ -61,19 +63,29 @@ __device__ __forceinline__ void load_stage(const GroupedGemmArgs& g, const Ring<
     const int kc = kb * C::BK;
     tma_load_2d(sa, &g.a, bar, kc, t.row_begin, pol_a);
     constexpr int BH = C::BN / 2;
-    if (C::EPI == EPI_SWIGLU) {
-      tma_load_4d(sb, &g.b, bar, kc, t.n_block * BH, 0, t.expert, pol_b);
-      tma_load_4d(sb + BH * 128, &g.b, bar, kc, t.n_block * BH, 1, t.expert, pol_b);
-    } else {
-      tma_load_4d(sb, &g.b, bar, kc, t.n_block * C::BN, 0, t.expert, pol_b);
-      tma_load_4d(sb + BH * 128, &g.b, bar, kc, t.n_block * C::BN + BH, 0, t.expert, pol_b);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      // half h: SwiGLU = gate (part 0) / up (part 1) rows of the n-tile; else rows h*BH..
+      const int row = C::EPI == EPI_SWIGLU ? t.n_block * BH : t.n_block * C::BN + h * BH;
+      const int part = C::EPI == EPI_SWIGLU ? h : 0;
+      if (!mc) {
+        tma_load_4d(sb + h * BH * 128, &g.b, bar, kc, row, part, t.expert, pol_b);
+      } else if (h == rank) {
+        tma_load_4d_mc(sb + h * BH * 128, &g.b, bar, kc, row, part, t.expert, 3, pol_b);
+      }
     }
   } else if (C::MODE == MODE_DGRAD) {
     const int kc = kb * C::BK;
     tma_load_2d(sa, &g.a, bar, kc, t.row_begin, pol_a);
+    constexpr int NB = C::BN / 64;  // 64-column blocks of B
 #pragma unroll
-    for (int j = 0; j < C::BN / 64; ++j) {
-      tma_load_3d(sb + j * 8192, &g.b, bar, t.n_block * C::BN + 64 * j, kc, t.expert, pol_b);
+    for (int j = 0; j < NB; ++j) {
+      if (!mc) {
+        tma_load_3d(sb + j * 8192, &g.b, bar, t.n_block * C::BN + 64 * j, kc, t.expert, pol_b);
+      } else if (j / (NB / 2) == rank) {
+        tma_load_3d_mc(sb + j * 8192, &g.b, bar, t.n_block * C::BN + 64 * j, kc, t.expert, 3,
+                       pol_b);
+      }
     }
   } else {  // MODE_WGRAD: reduction over rows k_begin + kb*64 ..
     const int kr = t.k_begin + kb * C::BK;
@@ -104,6 +116,59 @@ __device__ __forceinline__ void producer_loop(const GroupedGemmArgs& g, const Sc
     for (int kb = 0; kb < kbs; ++kb) {
       mbar_wait(ring.empty(pos.stage), pos.phase ^ 1u);
       load_stage<C>(g, ring, pos.stage, t, kb, pol_a, pol_b);
+      pos.template advance<C::STAGES>(1);
+    }
+  }
+}
+
+/// A pair of consecutive tile slots taken by the two CTAs of a cluster.
+struct TilePair {
+  Tile own;         ///< this CTA's tile (valid if own_valid)
+  bool own_valid;
+  bool peer_valid;
+  bool shared_b;    ///< both valid with the same expert and n-tile: B is multicast
+  int kbs;          ///< k-blocks of the pair (equal for both tiles when both are valid)
+};
+
+template <class Sched>
+__device__ __forceinline__ TilePair decode_pair(const Sched& sched, int u, int rank) {
+  Tile t0, t1;
+  const bool v0 = sched.tile(2 * u, t0);
+  const bool v1 = 2 * u + 1 < sched.total && sched.tile(2 * u + 1, t1);
+  TilePair p;
+  p.own = rank == 0 ? t0 : t1;
+  p.own_valid = rank == 0 ? v0 : v1;
+  p.peer_valid = rank == 0 ? v1 : v0;
+  p.shared_b = v0 && v1 && t0.expert == t1.expert && t0.n_block == t1.n_block;
+  const int k0 = v0 ? t0.k_len : 0;
+  const int k1 = v1 ? t1.k_len : 0;
+  p.kbs = (max(k0, k1) + 63) / 64;
+  return p;
+}
+
+/// Producer of a 2-CTA cluster. Both CTAs walk the same pairs; each fills its ring for its own
+/// tile (multicasting its half of a shared weight tile). A CTA whose slot of the pair is
+/// empty while the peer's is not runs the pair's k-blocks without loads, so that the ring
+/// positions of both CTAs stay equal (a multicast lands at the same stage in both).
+template <class C, class Sched, class Hook>
+__device__ __forceinline__ void producer_loop_cluster(const GroupedGemmArgs& g,
+                                                      const Sched& sched, const Ring<C>& ring,
+                                                      const Hook& hook, int rank) {
+  const u64 pol_a = make_policy<0>();
+  const u64 pol_b = make_policy<0>();
+  RingPos pos{0, 0};
+  const int npairs = (sched.total + 1) / 2;
+  for (int u = (int)cluster_id_x(); u < npairs; u += (int)cluster_count_x()) {
+    const TilePair pr = decode_pair(sched, u, rank);
+    if (!pr.own_valid && !pr.peer_valid) continue;
+    if (pr.own_valid && !hook.wait(pr.own)) report_error(g.error_flag, ERR_HOOK_TIMEOUT);
+    for (int kb = 0; kb < pr.kbs; ++kb) {
+      mbar_wait(ring.empty(pos.stage), pos.phase ^ 1u);
+      if (pr.own_valid) {
+        load_stage<C>(g, ring, pos.stage, pr.own, kb, pol_a, pol_b, pr.shared_b, rank);
+      } else {
+        mbar_arrive(ring.full(pos.stage));  // empty stage: completes the phase, no bytes
+      }
       pos.template advance<C::STAGES>(1);
     }
   }
@@ -149,11 +214,29 @@ __device__ __forceinline__ void zero_tail_rows(const Ring<C>& ring, int s, int v
 /// `mblocks_active` how many of its MW m64 blocks hold valid rows (0 = wait/release only).
 /// `bar_id`/`bar_threads`: the named barrier among the threads consuming a stage (used by
 /// the K-grouped tail).
+/// How a consuming warp frees a stage.
+enum : int {
+  RELEASE_LOCAL = 0,  ///< one arrival on this CTA's empty barrier
+  RELEASE_PAIR = 1,   ///< 2-CTA cluster: one here, one on the peer CTA's barrier
+};
+
+template <class C>
+__device__ __forceinline__ void release_stage(const Ring<C>& ring, int s, int mode, u32 peer) {
+  if (mode == RELEASE_LOCAL) {
+    mbar_arrive(ring.empty(s));
+  } else {
+    mbar_arrive(ring.empty(s));
+    mbar_arrive_remote(ring.empty(s), peer);
+  }
+}
+
 template <class C>
 __device__ __forceinline__ void consumer_mainloop(float (&acc)[C::MW][C::ACC_N],
                                                   const Ring<C>& ring, RingPos& pos,
                                                   const Tile& t, int ablk0, int mblocks_active,
-                                                  int ctid, int bar_id, int bar_threads) {
+                                                  int ctid, int bar_id, int bar_threads,
+                                                  int release_mode = RELEASE_LOCAL,
+                                                  u32 peer = 0) {
   const int kbs = (t.k_len + C::BK - 1) / C::BK;
   const u32 lane = threadIdx.x % 32;
   int prev = 0;
@@ -192,7 +275,7 @@ __device__ __forceinline__ void consumer_mainloop(float (&acc)[C::MW][C::ACC_N],
       wgmma_commit();
       wgmma_wait<1>();
     }
-    if (kb > 0 && lane == 0) mbar_arrive(ring.empty(prev));
+    if (kb > 0 && lane == 0) release_stage<C>(ring, prev, release_mode, peer);
     prev = pos.stage;
     pos.template advance<C::STAGES>(1);
   }
@@ -202,7 +285,7 @@ __device__ __forceinline__ void consumer_mainloop(float (&acc)[C::MW][C::ACC_N],
 #pragma unroll
     for (int i = 0; i < C::ACC_N; ++i) reg_fence(acc[mb][i]);
   }
-  if (kbs > 0 && lane == 0) mbar_arrive(ring.empty(prev));
+  if (kbs > 0 && lane == 0) release_stage<C>(ring, prev, release_mode, peer);
   if (kbs == 0) {  // empty reduction (expert with no rows): the product is zero
 #pragma unroll
     for (int mb = 0; mb < C::MW; ++mb) {

@@ -13,8 +13,9 @@ typedef unsigned long long u64;
 
 /// Opaque 128-byte TMA descriptor (CUtensorMap) as encoded on the host by
 /// cuTensorMapEncodeTiled. Passed by value inside a `__grid_constant__` kernel parameter so
-/// that its address lies in parameter space, as TMA requires.
-struct alignas(64) TmaDesc {
+/// that its address lies in parameter space, as TMA requires. 128-byte aligned like CUDA 13's
+/// CUtensorMap (TMA itself needs 64).
+struct alignas(128) TmaDesc {
   u64 opaque[16];
 };
 
@@ -62,6 +63,20 @@ __device__ __forceinline__ void mbar_arrive_expect_tx(u32 bar, u32 tx_bytes) {
 
 __device__ __forceinline__ void mbar_arrive(u32 bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
+}
+
+/// Arrives `count` times at once.
+__device__ __forceinline__ void mbar_arrive_cnt(u32 bar, u32 count) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(count) : "memory");
+}
+
+/// Arrives on the mbarrier at the same shared-memory offset in CTA `cta_rank` of the cluster.
+__device__ __forceinline__ void mbar_arrive_remote(u32 bar, u32 cta_rank) {
+  asm volatile(
+      "{\n.reg .b32 ra;\nmapa.shared::cluster.u32 ra, %0, %1;\n"
+      "mbarrier.arrive.release.cluster.shared::cluster.b64 _, [ra];\n}\n" ::"r"(bar),
+      "r"(cta_rank)
+      : "memory");
 }
 
 /// One probe: true once the phase with the given parity has completed.
@@ -142,6 +157,57 @@ __device__ __forceinline__ void tma_load_4d(u32 dst, const TmaDesc* desc, u32 ba
       " [%0], [%1, {%3, %4, %5, %6}], [%2], %7;" ::"r"(dst),
       "l"(desc), "r"(bar), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "l"(policy)
       : "memory");
+}
+
+/// Multicast forms: the box lands at the same shared-memory offset, and completes bytes on
+/// the mbarrier at the same offset, in every CTA of the cluster whose bit is set in cta_mask.
+__device__ __forceinline__ void tma_load_3d_mc(u32 dst, const TmaDesc* desc, u32 bar, int c0,
+                                               int c1, int c2, unsigned short cta_mask,
+                                               u64 policy) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::"
+      "cluster.L2::cache_hint [%0], [%1, {%3, %4, %5}], [%2], %6, %7;" ::"r"(dst),
+      "l"(desc), "r"(bar), "r"(c0), "r"(c1), "r"(c2), "h"(cta_mask), "l"(policy)
+      : "memory");
+}
+
+__device__ __forceinline__ void tma_load_4d_mc(u32 dst, const TmaDesc* desc, u32 bar, int c0,
+                                               int c1, int c2, int c3, unsigned short cta_mask,
+                                               u64 policy) {
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::"
+      "cluster.L2::cache_hint [%0], [%1, {%3, %4, %5, %6}], [%2], %7, %8;" ::"r"(dst),
+      "l"(desc), "r"(bar), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "h"(cta_mask), "l"(policy)
+      : "memory");
+}
+
+// ---------------------------------------------------------------------------------------
+// Clusters
+// ---------------------------------------------------------------------------------------
+
+__device__ __forceinline__ u32 cluster_ctarank() {
+  u32 r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+  return r;
+}
+__device__ __forceinline__ u32 cluster_id_x() {
+  u32 r;
+  asm volatile("mov.u32 %0, %%clusterid.x;" : "=r"(r));
+  return r;
+}
+__device__ __forceinline__ u32 cluster_count_x() {
+  u32 r;
+  asm volatile("mov.u32 %0, %%nclusterid.x;" : "=r"(r));
+  return r;
+}
+__device__ __forceinline__ u32 cluster_size() {
+  u32 r;
+  asm volatile("mov.u32 %0, %%cluster_nctarank;" : "=r"(r));
+  return r;
+}
+/// All non-exited threads of the cluster arrive and wait (release/acquire at cluster scope).
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;" ::: "memory");
 }
 
 // ---------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@
 // blockIdx.x, blockIdx.x + gridDim.x, ... and decodes the same tiles, so no tile ids travel
 // through shared memory.
 #pragma once
-#include "ptx.cuh"
+#include "sm90/ptx.cuh"
 
 namespace comet_sm90 {
 
@@ -38,6 +38,7 @@ enum : int {
   ERR_HOOK_TIMEOUT = 1,   ///< a per-tile wait hook gave up
   ERR_BAD_OFFSETS = 2,    ///< expert offsets decrease
   ERR_TOO_MANY_EXPERTS = 3,
+  ERR_BAD_LAUNCH = 4,     ///< cluster kernel launched without its cluster dimension
 };
 
 __device__ __forceinline__ void report_error(int* flag, int code) {
@@ -62,7 +63,7 @@ struct GroupedScheduler {
   static __device__ __forceinline__ GroupedScheduler setup(int* smem_off, int* smem_pref,
                                                            const int* __restrict__ offsets,
                                                            int num_experts, int n_tiles,
-                                                           int m_out, int k,
+                                                           int m_out, int k, int rows_cap,
                                                            const int* order, int* err) {
     GroupedScheduler s;
     s.s_off = smem_off;
@@ -81,10 +82,14 @@ struct GroupedScheduler {
         const int e = base + (int)lane;
         int mt = 0;
         if (e < num_experts) {
-          const int o0 = offsets[e];
-          const int o1 = offsets[e + 1];
+          // Offsets outside [0, rows_cap] or decreasing are an error; clamped, they can
+          // never make a load or store leave the tensors.
+          const int r0 = offsets[e];
+          const int r1 = offsets[e + 1];
+          const int o0 = min(max(r0, 0), rows_cap);
+          const int o1 = min(max(r1, 0), rows_cap);
           smem_off[e] = o0;
-          if (o1 < o0) report_error(err, ERR_BAD_OFFSETS);
+          if (r0 != o0 || r1 != o1 || o1 < o0) report_error(err, ERR_BAD_OFFSETS);
           mt = o1 > o0 ? (o1 - o0 + BM - 1) / BM : 0;
         }
         int incl = mt;
@@ -98,7 +103,7 @@ struct GroupedScheduler {
       }
       if (lane == 0) {
         smem_pref[num_experts] = carry;
-        smem_off[num_experts] = offsets[num_experts];
+        smem_off[num_experts] = min(max(offsets[num_experts], 0), rows_cap);
       }
     }
     // `total` needs the prefix; computed after the barrier by `finish`.
@@ -147,8 +152,17 @@ struct GroupedScheduler {
     const int band = local / (BAND * n_tiles);
     const int r = local - band * BAND * n_tiles;
     const int g = min(BAND, mt - band * BAND);
-    const int n = r / g;
-    const int m = band * BAND + (r - n * g);
+    // The even part of the band goes n by n with m fastest (so pairs of consecutive tiles
+    // share their weight tile); an odd band's last m-tile follows for all n.
+    const int ge = g & ~1;
+    int n, m;
+    if (r < ge * n_tiles) {
+      n = r / ge;
+      m = band * BAND + (r - n * ge);
+    } else {
+      n = r - ge * n_tiles;
+      m = band * BAND + g - 1;
+    }
     t.expert = e;
     t.m_block = m;
     t.n_block = n;
@@ -160,7 +174,7 @@ struct GroupedScheduler {
       if (t.k_len < 0) t.k_len = 0;
     } else {
       t.row_begin = s_off[e] + m * BM;
-      t.rows = min(BM, s_off[e + 1] - t.row_begin);
+      t.rows = min(BM, s_off[e + 1] - t.row_begin);  // >= 1: mt > 0 implies o1 > o0
       t.k_begin = 0;
       t.k_len = k;
     }

@@ -1,0 +1,256 @@
+//! Tile configurations of the Hopper engine (mirror of `comet_sm90::Config`).
+
+use crate::cache::Defines;
+use crate::error::{Error, Result};
+use crate::gemm::{Epilogue, GemmKind};
+
+/// How the two consumer warpgroups share the work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Schedule {
+    /// Both warpgroups work on every 128-row tile, 64 rows each (tiles up to 128x256).
+    Cooperative,
+    /// Each warpgroup owns alternate 128-row tiles; one's epilogue overlaps the other's
+    /// mainloop (tiles 128x128).
+    PingPong,
+}
+
+/// One specialisation of the engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Sm90Config {
+    /// Accumulator columns per tile: 128 or 256.
+    pub bn: u32,
+    /// Consumer schedule.
+    pub schedule: Schedule,
+    /// Shared-memory ring depth.
+    pub stages: u32,
+    /// CTAs per cluster: 1, or 2 (pairs share weight tiles through TMA multicast).
+    pub cluster: u32,
+    /// m-tiles per raster band.
+    pub band: u32,
+}
+
+/// Rows per tile (fixed: two m64 wgmma blocks).
+pub const BM: u32 = 128;
+/// Reduction depth per stage (one 128-byte swizzled row of 16-bit elements).
+pub const BK: u32 = 64;
+/// Threads per block: a producer warpgroup and two consumer warpgroups.
+pub const THREADS: u32 = 384;
+
+impl Sm90Config {
+    /// 128x256 cooperative, 4 stages.
+    pub const COOP_256: Sm90Config = Sm90Config {
+        bn: 256,
+        schedule: Schedule::Cooperative,
+        stages: 4,
+        cluster: 1,
+        band: 16,
+    };
+    /// 128x256 cooperative, 4 stages, 2-CTA clusters with weight-tile multicast.
+    pub const COOP_256_C2: Sm90Config = Sm90Config {
+        cluster: 2,
+        ..Sm90Config::COOP_256
+    };
+    /// 128x128 ping-pong, 6 stages.
+    pub const PINGPONG_128: Sm90Config = Sm90Config {
+        bn: 128,
+        schedule: Schedule::PingPong,
+        stages: 6,
+        cluster: 1,
+        band: 16,
+    };
+    /// 128x128 cooperative, 6 stages.
+    pub const COOP_128: Sm90Config = Sm90Config {
+        bn: 128,
+        schedule: Schedule::Cooperative,
+        stages: 6,
+        cluster: 1,
+        band: 16,
+    };
+
+    /// The named configurations (benchmarks, tests).
+    pub const ALL: [(&'static str, Sm90Config); 4] = [
+        ("coop256x4", Sm90Config::COOP_256),
+        ("c2coop256", Sm90Config::COOP_256_C2),
+        ("pp128x6", Sm90Config::PINGPONG_128),
+        ("coop128x6", Sm90Config::COOP_128),
+    ];
+
+    /// Output columns per tile (SwiGLU pairs gate and up columns: half the accumulators).
+    pub fn out_bn(&self, epilogue: Epilogue) -> u32 {
+        if epilogue == Epilogue::SwiGlu {
+            self.bn / 2
+        } else {
+            self.bn
+        }
+    }
+
+    /// Dynamic shared memory for `experts` experts; must equal `Config::smem_bytes` (the NVRTC
+    /// entry point `static_assert`s it): 1 KiB alignment slack, the ring, two 64x72 bf16
+    /// staging tiles, 16 bytes of barriers per stage, 8 bytes per expert + 8.
+    pub fn smem_bytes(&self, experts: usize) -> usize {
+        let ring = self.stages as usize * (BM as usize + self.bn as usize) * BK as usize * 2;
+        let staging = 2 * 64 * (64 + 8) * 2;
+        1024 + ring + staging + 16 * self.stages as usize + 8 * (experts + 1)
+    }
+
+    /// Checks the configuration against the engine's compile-time rules for `kind`.
+    pub fn validate(&self, kind: GemmKind, epilogue: Epilogue) -> Result<()> {
+        let bad = |why: &str| Err(Error::Invalid(format!("sm90 config {self:?}: {why}")));
+        if self.bn != 128 && self.bn != 256 {
+            return bad("bn must be 128 or 256");
+        }
+        if self.schedule == Schedule::PingPong && self.bn != 128 {
+            return bad("ping-pong keeps 128 rows per warpgroup: bn must be 128");
+        }
+        if self.out_bn(epilogue) % 64 != 0 {
+            return bad("output columns per tile must be a multiple of 64");
+        }
+        if !(2..=16).contains(&self.stages) {
+            return bad("2 to 16 stages");
+        }
+        if self.band == 0 {
+            return bad("band must be at least 1");
+        }
+        match self.cluster {
+            1 => {}
+            2 if self.schedule == Schedule::Cooperative && kind != GemmKind::Wgrad => {}
+            2 => return bad("2-CTA clusters: cooperative forward/dgrad only"),
+            _ => return bad("cluster must be 1 or 2"),
+        }
+        if epilogue != Epilogue::None && kind != GemmKind::Forward {
+            return bad("activations are forward-only");
+        }
+        Ok(())
+    }
+
+    /// NVRTC specialisation macros (see `cuda/sm90/grouped_gemm_sm90.cu`).
+    pub fn defines(
+        &self,
+        kind: GemmKind,
+        epilogue: Epilogue,
+        f16_in: bool,
+        f16_out: bool,
+    ) -> Defines {
+        let mode = match kind {
+            GemmKind::Forward => 0,
+            GemmKind::Dgrad => 1,
+            GemmKind::Wgrad => 2,
+        };
+        let epi = match epilogue {
+            Epilogue::None => 0,
+            Epilogue::SwiGlu => 1,
+            Epilogue::Gelu => 2,
+        };
+        let mut d = Defines::new();
+        let mut put = |k: &str, v: usize| {
+            d.insert(k.to_string(), v.to_string());
+        };
+        put("SM90_MODE", mode);
+        put("SM90_BN", self.bn as usize);
+        put(
+            "SM90_PINGPONG",
+            usize::from(self.schedule == Schedule::PingPong),
+        );
+        put("SM90_STAGES", self.stages as usize);
+        put("SM90_EPI", epi);
+        put("SM90_IN_F16", usize::from(f16_in));
+        put("SM90_OUT_F16", usize::from(f16_out));
+        put("SM90_BAND", self.band as usize);
+        put("SM90_CLUSTER", self.cluster as usize);
+        put("SM90_SMEM_ONE_EXPERT", self.smem_bytes(1));
+        d
+    }
+
+    /// The configuration for a problem, from the H200 measurements in
+    /// `bench/results/2026-11-29-hopper-gemm-h200.json`.
+    pub fn choose(kind: GemmKind, _epilogue: Epilogue, _groups: usize, _rows: usize) -> Self {
+        match kind {
+            GemmKind::Forward | GemmKind::Dgrad => Sm90Config::COOP_256_C2,
+            GemmKind::Wgrad => Sm90Config::COOP_256,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn smem_formula() {
+        // Hand-checked against config.cuh: 1024 + 4 * 48 KiB + 18432 + 64 + 16 for one expert.
+        assert_eq!(Sm90Config::COOP_256.smem_bytes(1), 216_144);
+        assert_eq!(
+            Sm90Config::PINGPONG_128.smem_bytes(1),
+            1024 + 6 * 32768 + 18432 + 96 + 16
+        );
+        // 256 experts still fit the 227 KiB a block can opt in to on H100/H200.
+        for (_, c) in Sm90Config::ALL {
+            assert!(c.smem_bytes(256) <= 232_448, "{c:?}");
+        }
+        assert!(Sm90Config::COOP_256.smem_bytes(4096) > 232_448);
+    }
+
+    #[test]
+    fn named_configs_are_valid_where_they_apply() {
+        for (name, c) in Sm90Config::ALL {
+            for kind in [GemmKind::Forward, GemmKind::Dgrad] {
+                c.validate(kind, Epilogue::None).unwrap();
+            }
+            let w = c.validate(GemmKind::Wgrad, Epilogue::None);
+            assert_eq!(w.is_ok(), c.cluster == 1, "{name}");
+            c.validate(GemmKind::Forward, Epilogue::SwiGlu)
+                .expect("SwiGLU halves bn to a multiple of 64");
+        }
+    }
+
+    #[test]
+    fn invalid_configs_are_rejected() {
+        let mut c = Sm90Config::PINGPONG_128;
+        c.bn = 256;
+        assert!(c.validate(GemmKind::Forward, Epilogue::None).is_err());
+        let mut c = Sm90Config::COOP_256;
+        c.bn = 192;
+        assert!(c.validate(GemmKind::Forward, Epilogue::None).is_err());
+        let mut c = Sm90Config::COOP_256;
+        c.cluster = 4;
+        assert!(c.validate(GemmKind::Forward, Epilogue::None).is_err());
+        let mut c = Sm90Config::COOP_256;
+        c.stages = 1;
+        assert!(c.validate(GemmKind::Forward, Epilogue::None).is_err());
+        assert!(
+            Sm90Config::COOP_256
+                .validate(GemmKind::Dgrad, Epilogue::Gelu)
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn defines_cover_every_macro() {
+        let d = Sm90Config::COOP_256_C2.defines(GemmKind::Dgrad, Epilogue::None, false, false);
+        for k in [
+            "SM90_MODE",
+            "SM90_BN",
+            "SM90_PINGPONG",
+            "SM90_STAGES",
+            "SM90_EPI",
+            "SM90_IN_F16",
+            "SM90_OUT_F16",
+            "SM90_BAND",
+            "SM90_CLUSTER",
+            "SM90_SMEM_ONE_EXPERT",
+        ] {
+            assert!(d.contains_key(k), "{k}");
+        }
+        assert_eq!(d["SM90_MODE"], "1");
+        assert_eq!(d["SM90_CLUSTER"], "2");
+        assert_eq!(d["SM90_SMEM_ONE_EXPERT"], "216144");
+    }
+
+    #[test]
+    fn choice_is_valid_for_its_problem() {
+        for kind in [GemmKind::Forward, GemmKind::Dgrad, GemmKind::Wgrad] {
+            let c = Sm90Config::choose(kind, Epilogue::None, 64, 32768);
+            c.validate(kind, Epilogue::None).unwrap();
+        }
+    }
+}

@@ -1,0 +1,813 @@
+//! Validation, TMA encoding and launch of the Hopper grouped GEMM.
+
+use std::ffi::c_void;
+
+use cudarc::driver::{DriverError, sys};
+
+use super::config::{BK, BM, Schedule, Sm90Config, THREADS};
+use super::tma::{TileMap, TmaDescriptor};
+use crate::buffer::{DType, DeviceTensor};
+use crate::cache::{Arch, Defines, Program};
+use crate::device::Gpu;
+use crate::error::{Error, Result};
+use crate::gemm::{Epilogue, GemmKind, Meta};
+
+/// Kernel name in [`program`].
+pub const KERNEL_NAME: &str = "comet_sm90_grouped_gemm";
+
+/// Error codes the kernel writes to the error flag (first one wins).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceErrorCode {
+    /// A per-tile wait hook gave up (fused kernels).
+    HookTimeout = 1,
+    /// Expert offsets decrease or leave `[0, rows]` (they were clamped).
+    BadOffsets = 2,
+    /// A cluster kernel was launched without its cluster dimension.
+    BadLaunch = 4,
+}
+
+impl DeviceErrorCode {
+    /// The code's meaning, for a flag value read back from the device (`None` for 0).
+    pub fn from_flag(v: i32) -> Option<std::result::Result<Self, i32>> {
+        match v {
+            0 => None,
+            1 => Some(Ok(Self::HookTimeout)),
+            2 => Some(Ok(Self::BadOffsets)),
+            4 => Some(Ok(Self::BadLaunch)),
+            x => Some(Err(x)),
+        }
+    }
+}
+
+/// Parameter block of the kernel: mirror of `comet_sm90::GroupedGemmArgs`
+/// (`cuda/sm90/config.cuh`, which `static_assert`s the same size).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct KernelArgs {
+    a: TmaDescriptor,
+    b: TmaDescriptor,
+    out: u64,
+    expert_offsets: u64,
+    row_scale: u64,
+    tile_order: u64,
+    error_flag: u64,
+    num_experts: i32,
+    n_out: i32,
+    ldo: i32,
+    k: i32,
+    m_out: i32,
+    rows_cap: i32,
+}
+
+/// Mirror of `comet_sm90::NoWait` (the plain GEMM's per-tile hook).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct NoWaitArgs {
+    unused: i32,
+}
+
+/// Operand descriptions of one Hopper grouped GEMM (validated by [`plan`]).
+#[derive(Debug, Clone)]
+pub struct Sm90Desc {
+    /// Operand layouts (as in [`crate::gemm`]).
+    pub kind: GemmKind,
+    /// A: rows `[cap, K]` (forward) or `[cap, N]` (dgrad, wgrad).
+    pub a: Meta,
+    /// B: weights `[G, N, K]` (forward, dgrad) or rows `[cap, K]` (wgrad).
+    pub b: Meta,
+    /// Expert row offsets, i32 `[G + 1]` (device-resident: read by the kernel).
+    pub offsets: Meta,
+    /// C: `[cap, N']` (forward; N' = N/2 with SwiGLU), `[cap, K]` (dgrad), `[G, N, K]` (wgrad).
+    pub c: Meta,
+    /// Fused activation (forward only).
+    pub epilogue: Epilogue,
+    /// Optional per-row scale, f32 `[cap]` (forward, dgrad).
+    pub row_scale: Option<Meta>,
+    /// Optional tile order, i32 `[n]` of canonical tile ids, `n >= Sm90Plan::max_tiles`.
+    pub tile_order: Option<Meta>,
+    /// Optional error flag, i32 `[1]`.
+    pub error_flag: Option<Meta>,
+    /// Engine configuration.
+    pub config: Sm90Config,
+}
+
+/// A validated launch: sizes, tensor-map shapes and the NVRTC specialisation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sm90Plan {
+    /// Experts.
+    pub groups: usize,
+    /// Rows of the row operands.
+    pub rows_cap: usize,
+    /// Output columns.
+    pub n_out: usize,
+    /// Output row stride (elements).
+    pub ldo: usize,
+    /// Reduction length (forward, dgrad).
+    pub k: usize,
+    /// Output rows per expert (wgrad).
+    pub m_out: usize,
+    /// Upper bound on the tiles of any routing (length a tile order must have).
+    pub max_tiles: usize,
+    /// Dynamic shared memory per block.
+    pub smem_bytes: usize,
+    /// Tensor map of A (address added at launch).
+    pub a_map: TileMap,
+    /// Tensor map of B.
+    pub b_map: TileMap,
+    /// NVRTC specialisation.
+    pub defines: Defines,
+}
+
+fn expect_dtype(what: &str, m: &Meta, allowed: &[DType]) -> Result<()> {
+    if allowed.contains(&m.dtype) {
+        return Ok(());
+    }
+    Err(Error::DType {
+        what: what.to_string(),
+        got: m.dtype.to_string(),
+        expected: allowed
+            .iter()
+            .map(|d| d.name())
+            .collect::<Vec<_>>()
+            .join(" or "),
+    })
+}
+
+fn multiple_of_8(what: &str, v: usize, why: &'static str) -> Result<()> {
+    if v % 8 == 0 {
+        Ok(())
+    } else {
+        Err(Error::Alignment {
+            what: what.to_string(),
+            value: v,
+            multiple: 8,
+            why,
+        })
+    }
+}
+
+fn fits_i32(what: &str, v: usize) -> Result<()> {
+    if v <= i32::MAX as usize {
+        Ok(())
+    } else {
+        Err(Error::limit(what, v, i32::MAX.to_string()))
+    }
+}
+
+/// Validates a Hopper grouped GEMM against the engine's limits and derives its plan.
+/// `smem_optin` is the device's opt-in shared memory per block.
+pub fn plan(d: &Sm90Desc, smem_optin: usize) -> Result<Sm90Plan> {
+    d.config.validate(d.kind, d.epilogue)?;
+    let elem = d.a.dtype;
+    expect_dtype("A", &d.a, &[DType::BF16, DType::F16])?;
+    expect_dtype("B", &d.b, &[elem])?;
+    expect_dtype("C (the sm90 engine stores A's dtype)", &d.c, &[elem])?;
+    expect_dtype("offsets", &d.offsets, &[DType::I32])?;
+    if d.offsets.shape.len() != 1 || d.offsets.shape[0] < 2 {
+        return Err(Error::shape(
+            "offsets",
+            &d.offsets.shape,
+            "i32 [groups + 1], groups >= 1",
+        ));
+    }
+    let groups = d.offsets.shape[0] - 1;
+    if d.a.shape.len() != 2 {
+        return Err(Error::shape("A", &d.a.shape, "rank 2 [rows, cols]"));
+    }
+    let rows_cap = d.a.shape[0];
+    let esize = elem.size() as u64;
+    let (k, n_out, m_out, a_map, b_map);
+    match d.kind {
+        GemmKind::Forward | GemmKind::Dgrad => {
+            let (bg, bn, bk) = match d.b.shape.as_slice() {
+                [g, n, k] => (*g, *n, *k),
+                _ => return Err(Error::shape("B (weights)", &d.b.shape, "[G, N, K]")),
+            };
+            if bg != groups {
+                return Err(Error::shape(
+                    "B (weights)",
+                    &d.b.shape,
+                    format!("{groups} groups (from the offsets)"),
+                ));
+            }
+            if d.kind == GemmKind::Forward {
+                if d.a.shape[1] != bk {
+                    return Err(Error::shape("A", &d.a.shape, format!("[rows, {bk}]")));
+                }
+                multiple_of_8("K (reduction)", bk, "TMA row strides are 16-byte multiples")?;
+                if d.epilogue == Epilogue::SwiGlu && bn % 2 != 0 {
+                    return Err(Error::Alignment {
+                        what: "N of a SwiGLU weight (2F)".into(),
+                        value: bn,
+                        multiple: 2,
+                        why: "gate and up halves",
+                    });
+                }
+                let parts = if d.epilogue == Epilogue::SwiGlu { 2 } else { 1 };
+                let nh = (bn / parts) as u64;
+                k = bk;
+                n_out = bn / parts;
+                m_out = 0;
+                a_map = TileMap {
+                    dims: vec![bk as u64, rows_cap as u64],
+                    strides: vec![bk as u64 * esize],
+                    box_dims: vec![BK, BM],
+                };
+                b_map = TileMap {
+                    dims: vec![bk as u64, nh, parts as u64, bg as u64],
+                    strides: vec![
+                        bk as u64 * esize,
+                        nh * bk as u64 * esize,
+                        parts as u64 * nh * bk as u64 * esize,
+                    ],
+                    box_dims: vec![BK, d.config.bn / 2, 1, 1],
+                };
+            } else {
+                if d.a.shape[1] != bn {
+                    return Err(Error::shape(
+                        "A (output-gradient rows)",
+                        &d.a.shape,
+                        format!("[rows, {bn}]"),
+                    ));
+                }
+                multiple_of_8("N (reduction of dgrad)", bn, "TMA row strides")?;
+                multiple_of_8("K (output of dgrad)", bk, "TMA row strides")?;
+                k = bn;
+                n_out = bk;
+                m_out = 0;
+                a_map = TileMap {
+                    dims: vec![bn as u64, rows_cap as u64],
+                    strides: vec![bn as u64 * esize],
+                    box_dims: vec![BK, BM],
+                };
+                b_map = TileMap {
+                    dims: vec![bk as u64, bn as u64, bg as u64],
+                    strides: vec![bk as u64 * esize, (bn * bk) as u64 * esize],
+                    box_dims: vec![64, 64, 1],
+                };
+            }
+            if d.c.shape != [rows_cap, n_out] {
+                return Err(Error::shape(
+                    "C",
+                    &d.c.shape,
+                    format!("[{rows_cap}, {n_out}]"),
+                ));
+            }
+        }
+        GemmKind::Wgrad => {
+            if d.b.shape.len() != 2 || d.b.shape[0] != rows_cap {
+                return Err(Error::shape(
+                    "B (input rows)",
+                    &d.b.shape,
+                    format!("[{rows_cap}, K]"),
+                ));
+            }
+            let (wn, wk) = (d.a.shape[1], d.b.shape[1]);
+            multiple_of_8("N (rows of the weight gradient)", wn, "TMA row strides")?;
+            multiple_of_8("K (columns of the weight gradient)", wk, "TMA row strides")?;
+            if d.c.shape != [groups, wn, wk] {
+                return Err(Error::shape(
+                    "C (weight gradient)",
+                    &d.c.shape,
+                    format!("[{groups}, {wn}, {wk}]"),
+                ));
+            }
+            fits_i32("groups x N (weight-gradient rows)", groups * wn)?;
+            k = 0;
+            n_out = wk;
+            m_out = wn;
+            a_map = TileMap {
+                dims: vec![wn as u64, rows_cap as u64],
+                strides: vec![wn as u64 * esize],
+                box_dims: vec![64, 64],
+            };
+            b_map = TileMap {
+                dims: vec![wk as u64, rows_cap as u64],
+                strides: vec![wk as u64 * esize],
+                box_dims: vec![64, 64],
+            };
+        }
+    }
+    if d.epilogue != Epilogue::None && d.kind != GemmKind::Forward {
+        return Err(Error::Invalid(format!(
+            "{:?} epilogue is fused into the forward GEMM only",
+            d.epilogue
+        )));
+    }
+    multiple_of_8(
+        "output columns (row stride of C)",
+        n_out,
+        "16-byte vector stores",
+    )?;
+    if let Some(s) = &d.row_scale {
+        if d.kind == GemmKind::Wgrad {
+            return Err(Error::Invalid(
+                "row scaling applies to forward/dgrad, not wgrad".into(),
+            ));
+        }
+        expect_dtype("row_scale", s, &[DType::F32])?;
+        if s.shape != [rows_cap] {
+            return Err(Error::shape("row_scale", &s.shape, format!("[{rows_cap}]")));
+        }
+    }
+    if let Some(f) = &d.error_flag {
+        expect_dtype("error flag", f, &[DType::I32])?;
+        if f.shape.iter().product::<usize>() != 1 {
+            return Err(Error::shape("error flag", &f.shape, "i32 [1]"));
+        }
+    }
+    for (what, v) in [("rows", rows_cap), ("output columns", n_out), ("K", k)] {
+        fits_i32(what, v)?;
+    }
+    let n_tiles = n_out.div_ceil(d.config.out_bn(d.epilogue) as usize);
+    let bm = BM as usize;
+    let max_tiles = if d.kind == GemmKind::Wgrad {
+        groups * m_out.div_ceil(bm) * n_tiles
+    } else {
+        (rows_cap / bm + groups) * n_tiles
+    };
+    fits_i32("tiles", max_tiles)?;
+    if let Some(o) = &d.tile_order {
+        expect_dtype("tile order", o, &[DType::I32])?;
+        if o.shape.len() != 1 || o.shape[0] < max_tiles {
+            return Err(Error::shape(
+                "tile order",
+                &o.shape,
+                format!("i32 [n] with n >= {max_tiles} (the most tiles any routing can have)"),
+            ));
+        }
+    }
+    let smem_bytes = d.config.smem_bytes(groups);
+    if smem_bytes > smem_optin {
+        return Err(Error::limit(
+            format!("groups (experts): shared memory of {smem_bytes} bytes"),
+            groups,
+            format!("{smem_optin} bytes per block on this device"),
+        ));
+    }
+    let f16 = elem == DType::F16;
+    Ok(Sm90Plan {
+        groups,
+        rows_cap,
+        n_out,
+        ldo: n_out,
+        k,
+        m_out,
+        max_tiles,
+        smem_bytes,
+        a_map,
+        b_map,
+        defines: d.config.defines(d.kind, d.epilogue, f16, f16),
+    })
+}
+
+/// Whether the Hopper engine can run this GEMM on a device with `smem_optin` bytes of
+/// shared memory per block (if not, use the portable `mma.sync` engine).
+pub fn supports(d: &Sm90Desc, smem_optin: usize) -> bool {
+    plan(d, smem_optin).is_ok()
+}
+
+/// The headers of the engine, by include name (`sm90/<file>.cuh`), plus this crate's.
+pub fn headers() -> Vec<(
+    std::borrow::Cow<'static, str>,
+    std::borrow::Cow<'static, str>,
+)> {
+    let mut h = crate::sources::headers();
+    for (name, src) in SM90_HEADERS {
+        h.push(((*name).into(), (*src).into()));
+    }
+    h
+}
+
+/// The embedded engine headers (include names and sources).
+pub const SM90_HEADERS: &[(&str, &str)] = &[
+    ("sm90/ptx.cuh", include_str!("../../cuda/sm90/ptx.cuh")),
+    ("sm90/wgmma.cuh", include_str!("../../cuda/sm90/wgmma.cuh")),
+    (
+        "sm90/config.cuh",
+        include_str!("../../cuda/sm90/config.cuh"),
+    ),
+    (
+        "sm90/scheduler.cuh",
+        include_str!("../../cuda/sm90/scheduler.cuh"),
+    ),
+    (
+        "sm90/mainloop.cuh",
+        include_str!("../../cuda/sm90/mainloop.cuh"),
+    ),
+    (
+        "sm90/epilogue.cuh",
+        include_str!("../../cuda/sm90/epilogue.cuh"),
+    ),
+    (
+        "sm90/grouped_gemm.cuh",
+        include_str!("../../cuda/sm90/grouped_gemm.cuh"),
+    ),
+];
+
+/// The NVRTC entry point of the plain grouped GEMM.
+pub const GROUPED_GEMM_SM90_CU: &str = include_str!("../../cuda/sm90/grouped_gemm_sm90.cu");
+
+/// The grouped GEMM program (specialise it with an [`Sm90Plan`]'s defines).
+pub fn program() -> Program {
+    Program {
+        name: "sm90/grouped_gemm_sm90.cu".into(),
+        source: GROUPED_GEMM_SM90_CU.into(),
+        headers: headers(),
+    }
+}
+
+/// Arguments of one Hopper grouped GEMM. Build with [`Sm90Gemm::forward`],
+/// [`Sm90Gemm::dgrad`] or [`Sm90Gemm::wgrad`], refine, run with [`grouped_gemm`].
+#[derive(Debug)]
+pub struct Sm90Gemm<'a> {
+    kind: GemmKind,
+    a: &'a DeviceTensor,
+    b: &'a DeviceTensor,
+    offsets: &'a DeviceTensor,
+    c: &'a mut DeviceTensor,
+    epilogue: Epilogue,
+    row_scale: Option<&'a DeviceTensor>,
+    tile_order: Option<&'a DeviceTensor>,
+    error_flag: Option<&'a mut DeviceTensor>,
+    config: Option<Sm90Config>,
+}
+
+impl<'a> Sm90Gemm<'a> {
+    fn new(
+        kind: GemmKind,
+        a: &'a DeviceTensor,
+        b: &'a DeviceTensor,
+        offsets: &'a DeviceTensor,
+        c: &'a mut DeviceTensor,
+    ) -> Self {
+        Sm90Gemm {
+            kind,
+            a,
+            b,
+            offsets,
+            c,
+            epilogue: Epilogue::None,
+            row_scale: None,
+            tile_order: None,
+            error_flag: None,
+            config: None,
+        }
+    }
+    /// `c[rows, N'] = x_rows[rows, K] · w[g][N, K]ᵀ` for the rows of each expert `g`.
+    pub fn forward(
+        x_rows: &'a DeviceTensor,
+        w: &'a DeviceTensor,
+        offsets: &'a DeviceTensor,
+        c: &'a mut DeviceTensor,
+    ) -> Self {
+        Self::new(GemmKind::Forward, x_rows, w, offsets, c)
+    }
+    /// `c[rows, K] = dy_rows[rows, N] · w[g][N, K]`.
+    pub fn dgrad(
+        dy_rows: &'a DeviceTensor,
+        w: &'a DeviceTensor,
+        offsets: &'a DeviceTensor,
+        c: &'a mut DeviceTensor,
+    ) -> Self {
+        Self::new(GemmKind::Dgrad, dy_rows, w, offsets, c)
+    }
+    /// `dw[g][N, K] = Σ_{rows r of g} dy_rows[r, N]ᵀ x_rows[r, K]`.
+    pub fn wgrad(
+        dy_rows: &'a DeviceTensor,
+        x_rows: &'a DeviceTensor,
+        offsets: &'a DeviceTensor,
+        dw: &'a mut DeviceTensor,
+    ) -> Self {
+        Self::new(GemmKind::Wgrad, dy_rows, x_rows, offsets, dw)
+    }
+    /// Fused activation (forward).
+    pub fn epilogue(mut self, e: Epilogue) -> Self {
+        self.epilogue = e;
+        self
+    }
+    /// Multiply output row `r` by `scale[r]` (f32 `[rows]`; forward, dgrad).
+    pub fn row_scale(mut self, scale: &'a DeviceTensor) -> Self {
+        self.row_scale = Some(scale);
+        self
+    }
+    /// Run tiles in this device-resident order (i32 canonical tile ids; see
+    /// `cuda/sm90/scheduler.cuh`; ids outside the routing's tiles are skipped).
+    pub fn tile_order(mut self, order: &'a DeviceTensor) -> Self {
+        self.tile_order = Some(order);
+        self
+    }
+    /// Device i32 flag that receives the first [`DeviceErrorCode`] (zero it beforehand).
+    pub fn error_flag(mut self, flag: &'a mut DeviceTensor) -> Self {
+        self.error_flag = Some(flag);
+        self
+    }
+    /// Use this configuration instead of [`Sm90Config::choose`]'s.
+    pub fn config(mut self, c: Sm90Config) -> Self {
+        self.config = Some(c);
+        self
+    }
+
+    /// The operand description (what [`plan`] validates).
+    pub fn desc(&self) -> Sm90Desc {
+        let groups = self
+            .offsets
+            .shape()
+            .first()
+            .map_or(0, |n| n.saturating_sub(1));
+        let rows = self.a.shape().first().copied().unwrap_or(0);
+        Sm90Desc {
+            kind: self.kind,
+            a: Meta::of(self.a),
+            b: Meta::of(self.b),
+            offsets: Meta::of(self.offsets),
+            c: Meta::of(self.c),
+            epilogue: self.epilogue,
+            row_scale: self.row_scale.map(Meta::of),
+            tile_order: self.tile_order.map(Meta::of),
+            error_flag: self.error_flag.as_deref().map(Meta::of),
+            config: self
+                .config
+                .unwrap_or_else(|| Sm90Config::choose(self.kind, self.epilogue, groups, rows)),
+        }
+    }
+}
+
+fn driver(r: sys::CUresult) -> Result<()> {
+    if r == sys::CUresult::CUDA_SUCCESS {
+        Ok(())
+    } else {
+        Err(Error::Driver(DriverError(r)))
+    }
+}
+
+/// Runs a Hopper grouped GEMM on `gpu`'s stream (asynchronous; no host synchronisation:
+/// the grid is persistent and the kernel reads the expert offsets on the device).
+pub fn grouped_gemm(gpu: &Gpu, g: Sm90Gemm<'_>) -> Result<()> {
+    if gpu.arch() != Arch::SM90 {
+        return Err(Error::Invalid(format!(
+            "the sm90 engine needs compute capability 9.0 (wgmma, TMA); device {} is {}.{}",
+            gpu.ordinal(),
+            gpu.arch().major,
+            gpu.arch().minor
+        )));
+    }
+    let desc = g.desc();
+    let plan = plan(&desc, gpu.smem_optin() as usize)?;
+    for (what, t) in [
+        ("A", Some(g.a)),
+        ("B", Some(g.b)),
+        ("offsets", Some(g.offsets)),
+        ("row_scale", g.row_scale),
+        ("tile order", g.tile_order),
+    ] {
+        if let Some(t) = t {
+            t.check_device(gpu, what)?;
+        }
+    }
+    g.c.check_device(gpu, "C")?;
+    if let Some(f) = g.error_flag.as_deref() {
+        f.check_device(gpu, "error flag")?;
+    }
+    if g.c.device_ptr() % 16 != 0 {
+        return Err(Error::Alignment {
+            what: "C device address".into(),
+            value: g.c.device_ptr() as usize,
+            multiple: 16,
+            why: "16-byte vector stores",
+        });
+    }
+    let elem = g.a.dtype();
+    let args = KernelArgs {
+        a: plan.a_map.encode("A", elem, g.a.device_ptr())?,
+        b: plan.b_map.encode("B", elem, g.b.device_ptr())?,
+        out: g.c.device_ptr(),
+        expert_offsets: g.offsets.device_ptr(),
+        row_scale: g.row_scale.map_or(0, |t| t.device_ptr()),
+        tile_order: g.tile_order.map_or(0, |t| t.device_ptr()),
+        error_flag: g.error_flag.as_deref().map_or(0, |t| t.device_ptr()),
+        num_experts: plan.groups as i32,
+        n_out: plan.n_out as i32,
+        ldo: plan.ldo as i32,
+        k: plan.k as i32,
+        m_out: plan.m_out as i32,
+        rows_cap: plan.rows_cap as i32,
+    };
+    let hook = NoWaitArgs { unused: 0 };
+    let f = gpu.function(&program(), &plan.defines, KERNEL_NAME)?;
+    gpu.context().bind_to_thread()?;
+    f.set_attribute(
+        sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        plan.smem_bytes as i32,
+    )?;
+    let cluster = desc.config.cluster;
+    // SAFETY: plain-old-data union; every field of the attribute value is valid zeroed.
+    let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+    attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
+    attr.value.clusterDim = sys::CUlaunchAttributeValue_union__bindgen_ty_1 {
+        x: cluster,
+        y: 1,
+        z: 1,
+    };
+    let mut cfg = sys::CUlaunchConfig {
+        gridDimX: gpu.sm_count(),
+        gridDimY: 1,
+        gridDimZ: 1,
+        blockDimX: THREADS,
+        blockDimY: 1,
+        blockDimZ: 1,
+        sharedMemBytes: plan.smem_bytes as u32,
+        hStream: gpu.stream().cu_stream(),
+        attrs: &mut attr,
+        numAttrs: 1,
+    };
+    // Persistent grid: one CTA per SM, or as many 2-CTA clusters as can be resident.
+    if cluster > 1 {
+        let mut clusters: i32 = 0;
+        // SAFETY: `cfg` and its attribute outlive the call; `f` is a loaded function.
+        driver(unsafe { sys::cuOccupancyMaxActiveClusters(&mut clusters, f.cu_function(), &cfg) })?;
+        if clusters < 1 {
+            return Err(Error::Invalid(format!(
+                "no {cluster}-CTA cluster of {} bytes of shared memory fits this device",
+                plan.smem_bytes
+            )));
+        }
+        cfg.gridDimX = clusters as u32 * cluster;
+    }
+    let _span = tracing::trace_span!(
+        "sm90_grouped_gemm",
+        kind = ?desc.kind,
+        groups = plan.groups,
+        n = plan.n_out,
+        grid = cfg.gridDimX,
+        cluster,
+        pingpong = desc.config.schedule == Schedule::PingPong
+    )
+    .entered();
+    let mut params: [*mut c_void; 2] = [
+        &args as *const KernelArgs as *mut c_void,
+        &hook as *const NoWaitArgs as *mut c_void,
+    ];
+    // SAFETY: `KernelArgs`/`NoWaitArgs` mirror the kernel's two parameters (layout asserted
+    // by tests here and `static_assert`s in the CUDA headers); `plan` checked every operand's
+    // dtype, shape and stride against what the tensor maps and stores use; the kernel clamps
+    // device offsets to `rows_cap`, so no access leaves the tensors. The driver copies the
+    // parameters during the call.
+    driver(unsafe {
+        sys::cuLaunchKernelEx(
+            &cfg,
+            f.cu_function(),
+            params.as_mut_ptr(),
+            std::ptr::null_mut(),
+        )
+    })?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fwd(a: &[usize], b: &[usize], c: &[usize], g: usize) -> Sm90Desc {
+        Sm90Desc {
+            kind: GemmKind::Forward,
+            a: Meta::new(DType::BF16, a),
+            b: Meta::new(DType::BF16, b),
+            offsets: Meta::new(DType::I32, &[g + 1]),
+            c: Meta::new(DType::BF16, c),
+            epilogue: Epilogue::None,
+            row_scale: None,
+            tile_order: None,
+            error_flag: None,
+            config: Sm90Config::COOP_256,
+        }
+    }
+    const OPTIN: usize = 232_448;
+
+    #[test]
+    fn kernel_args_layout() {
+        use std::mem::{align_of, offset_of, size_of};
+        assert_eq!(size_of::<KernelArgs>(), 384);
+        assert_eq!(align_of::<KernelArgs>(), 128);
+        assert_eq!(offset_of!(KernelArgs, b), 128);
+        assert_eq!(offset_of!(KernelArgs, out), 256);
+        assert_eq!(offset_of!(KernelArgs, expert_offsets), 264);
+        assert_eq!(offset_of!(KernelArgs, row_scale), 272);
+        assert_eq!(offset_of!(KernelArgs, tile_order), 280);
+        assert_eq!(offset_of!(KernelArgs, error_flag), 288);
+        assert_eq!(offset_of!(KernelArgs, num_experts), 296);
+        assert_eq!(offset_of!(KernelArgs, n_out), 300);
+        assert_eq!(offset_of!(KernelArgs, ldo), 304);
+        assert_eq!(offset_of!(KernelArgs, k), 308);
+        assert_eq!(offset_of!(KernelArgs, m_out), 312);
+        assert_eq!(offset_of!(KernelArgs, rows_cap), 316);
+        assert_eq!(size_of::<NoWaitArgs>(), 4);
+    }
+
+    #[test]
+    fn forward_plan_maps() {
+        let p = plan(
+            &fwd(&[16384, 4096], &[8, 28672, 4096], &[16384, 28672], 8),
+            OPTIN,
+        )
+        .unwrap();
+        assert_eq!(
+            (p.groups, p.rows_cap, p.n_out, p.k),
+            (8, 16384, 28672, 4096)
+        );
+        assert_eq!(p.a_map.dims, vec![4096, 16384]);
+        assert_eq!(p.b_map.dims, vec![4096, 28672, 1, 8]);
+        assert_eq!(p.b_map.box_dims, vec![64, 128, 1, 1]);
+        assert_eq!(p.max_tiles, (16384 / 128 + 8) * 112);
+        let mut d = fwd(&[100, 512], &[3, 400, 512], &[100, 200], 3);
+        d.epilogue = Epilogue::SwiGlu;
+        let p = plan(&d, OPTIN).unwrap();
+        assert_eq!(p.n_out, 200);
+        assert_eq!(p.b_map.dims, vec![512, 200, 2, 3]);
+        assert_eq!(p.b_map.strides, vec![1024, 200 * 1024, 400 * 1024]);
+        assert_eq!(p.defines["SM90_EPI"], "1");
+    }
+
+    #[test]
+    fn dgrad_and_wgrad_plans() {
+        let mut d = fwd(&[300, 2048], &[16, 2048, 4096], &[300, 4096], 16);
+        d.kind = GemmKind::Dgrad;
+        let p = plan(&d, OPTIN).unwrap();
+        assert_eq!((p.n_out, p.k), (4096, 2048));
+        assert_eq!(p.b_map.dims, vec![4096, 2048, 16]);
+        let w = Sm90Desc {
+            kind: GemmKind::Wgrad,
+            a: Meta::new(DType::BF16, &[300, 2048]),
+            b: Meta::new(DType::BF16, &[300, 4096]),
+            offsets: Meta::new(DType::I32, &[17]),
+            c: Meta::new(DType::BF16, &[16, 2048, 4096]),
+            epilogue: Epilogue::None,
+            row_scale: None,
+            tile_order: None,
+            error_flag: None,
+            config: Sm90Config::COOP_256,
+        };
+        let p = plan(&w, OPTIN).unwrap();
+        assert_eq!((p.m_out, p.n_out), (2048, 4096));
+        assert_eq!(p.max_tiles, 16 * 16 * 16);
+        let mut w2 = w.clone();
+        w2.config = Sm90Config::COOP_256_C2;
+        assert!(matches!(plan(&w2, OPTIN), Err(Error::Invalid(_))));
+    }
+
+    #[test]
+    fn errors_name_the_value_and_the_limit() {
+        // K = 1001 is not a multiple of 8 (TMA row stride).
+        let e = plan(&fwd(&[10, 1001], &[2, 64, 1001], &[10, 64], 2), OPTIN).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::Alignment {
+                    value: 1001,
+                    multiple: 8,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        // Output columns not a multiple of 8 (vector stores): fall back to mma.sync.
+        let e = plan(&fwd(&[10, 64], &[2, 196, 64], &[10, 196], 2), OPTIN).unwrap_err();
+        assert!(matches!(e, Error::Alignment { value: 196, .. }), "{e}");
+        // Too many experts for the scheduler's shared memory.
+        let e = plan(&fwd(&[10, 64], &[4096, 64, 64], &[10, 64], 4096), OPTIN).unwrap_err();
+        assert!(matches!(e, Error::Limit { value: 4096, .. }), "{e}");
+        assert!(e.to_string().contains("232448"), "{e}");
+        // f32 output is not produced by this engine.
+        let mut d = fwd(&[10, 64], &[2, 64, 64], &[10, 64], 2);
+        d.c.dtype = DType::F32;
+        assert!(matches!(plan(&d, OPTIN), Err(Error::DType { .. })));
+        // A tile order too short for the worst-case routing.
+        let mut d = fwd(&[256, 64], &[2, 256, 64], &[256, 256], 2);
+        d.tile_order = Some(Meta::new(DType::I32, &[3]));
+        let e = plan(&d, OPTIN).unwrap_err();
+        assert!(e.to_string().contains(">= 4"), "{e}");
+        // Activation on a backward GEMM.
+        let mut d = fwd(&[10, 64], &[2, 64, 64], &[10, 64], 2);
+        d.kind = GemmKind::Dgrad;
+        d.epilogue = Epilogue::Gelu;
+        assert!(plan(&d, OPTIN).is_err());
+        // Wrong group count.
+        let e = plan(&fwd(&[10, 64], &[3, 64, 64], &[10, 64], 2), OPTIN).unwrap_err();
+        assert!(e.to_string().contains("2 groups"), "{e}");
+        assert!(!supports(
+            &fwd(&[10, 64], &[3, 64, 64], &[10, 64], 2),
+            OPTIN
+        ));
+        assert!(supports(&fwd(&[10, 64], &[2, 64, 64], &[10, 64], 2), OPTIN));
+    }
+
+    #[test]
+    fn device_error_codes() {
+        assert_eq!(DeviceErrorCode::from_flag(0), None);
+        assert_eq!(
+            DeviceErrorCode::from_flag(2),
+            Some(Ok(DeviceErrorCode::BadOffsets))
+        );
+        assert_eq!(DeviceErrorCode::from_flag(9), Some(Err(9)));
+    }
+}

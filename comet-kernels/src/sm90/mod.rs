@@ -1,0 +1,32 @@
+//! The Hopper (sm_90a) tile engine of the grouped GEMM.
+//!
+//! Device code: `cuda/sm90/*.cuh` (compiles with nvcc and NVRTC). A producer warp issues TMA
+//! loads (128-byte swizzle, zero fill past the tensors) into a multi-stage shared-memory ring
+//! completed on mbarriers; two consumer warpgroups issue `wgmma` (m64n256k16 / m64n128k16,
+//! bf16/f16 → f32) with 232 registers each after `setmaxnreg`; the epilogue applies
+//! SwiGLU/GeLU and a row scale and writes bf16/f16 with masked 16-byte stores, so rows past an
+//! expert's end are never written. A persistent tile scheduler walks (expert, m-tile, n-tile)
+//! from the device-resident expert offsets (no host synchronisation), in a raster order that
+//! keeps weight and activation tiles in L2, or in an order supplied as data; its producer
+//! can wait on a per-tile condition before loading (the fused kernels' hook). With 2-CTA
+//! clusters, pairs of m-tiles that share a weight tile load half of it each and multicast it.
+//!
+//! Layouts are those of [`crate::gemm`]: forward `A[rows, K] · W_g[N, K]ᵀ`, dgrad
+//! `A[rows, N] · W_g[N, K]` (N-major B through wgmma's transpose bit) and wgrad
+//! `Σ_r A[r, N]ᵀ B[r, K]` per expert (K-grouped: rows past the expert are zeroed in shared
+//! memory). Use [`grouped_gemm`] on compute capability 9.0; [`supports`] says whether a
+//! problem fits this engine (else the portable `mma.sync` engine of [`crate::gemm`] runs it).
+
+mod config;
+mod launch;
+mod tma;
+
+pub use config::{BK, BM, Schedule, Sm90Config, THREADS};
+pub use launch::{
+    DeviceErrorCode, GROUPED_GEMM_SM90_CU, KERNEL_NAME, SM90_HEADERS, Sm90Desc, Sm90Gemm, Sm90Plan,
+    grouped_gemm, headers, plan, program, supports,
+};
+pub use tma::{TileMap, TmaDescriptor};
+
+#[cfg(test)]
+mod tests;
