@@ -15,21 +15,27 @@ export PATH=/usr/local/cuda/bin:$PATH
 {
   echo "commit @COMMIT@"; date -u; nvidia-smi --query-gpu=index,name,clocks.sm,clocks.max.sm,memory.used --format=csv
   nvidia-smi topo -m; echo "NCCL_LIB=$NCCL_LIB"
-} > "$OUT/env.txt" 2>&1
-step() { # name timeout cmd...
-  local name=$1 t=$2; shift 2
+} > "$OUT/summary.txt" 2>&1
+step() { # log name timeout cmd... (at most 8 files come back: logs are shared)
+  local log=$1 name=$2 t=$3; shift 3
   local t0=$(date +%s%N)
-  timeout --kill-after=5 "$t" "$@" > "$OUT/$name.log" 2>&1
+  echo "######## $name" >> "$OUT/$log.log"
+  timeout --kill-after=5 "$t" "$@" >> "$OUT/$log.log" 2>&1
   local rc=$?
   local ms=$(( ($(date +%s%N) - t0) / 1000000 ))
   echo "$name rc=$rc ${ms}ms (limit ${t}s)" | tee -a "$OUT/summary.txt"
 }
-step gpu_threads 75 $B/gpu_tests --include-ignored --test-threads=1 threads_ local_
-step gpu_procs 90 $B/gpu_tests --include-ignored --test-threads=1 procs_
-step bench 60 $B/p2p_bench --commit @COMMIT@ --out "$OUT/p2p_bench.json"
-step unit 20 $B/unit_tests --include-ignored --test-threads=4
-step memcheck 35 compute-sanitizer --tool memcheck --print-limit 20 $B/gpu_tests --include-ignored --test-threads=1 --exact threads_peer_rw threads_a2av_vs_nccl
-grep -hE "^test |test result|panicked|failed|Error" "$OUT"/unit.log "$OUT"/gpu_threads.log "$OUT"/gpu_procs.log | grep -v " ok$" | head -60
-tail -30 "$OUT/bench.log"
-tail -8 "$OUT/memcheck.log"
+T="--include-ignored --test-threads=1 --nocapture"
+step tests gpu_threads 60 $B/gpu_tests $T threads_collectives threads_peer_rw threads_signal_stress threads_a2av_vs_nccl threads_timeout local_
+step tests gpu_procs 75 $B/gpu_tests $T procs_collectives procs_peer_rw procs_signal_stress procs_a2av_vs_nccl procs_timeout
+step bench bench 25 $B/p2p_bench --commit @COMMIT@ --out "$OUT/p2p_bench.json"
+NCCL_DEBUG=WARN step barrier barrier_threads 20 $B/gpu_tests $T --exact threads_barrier_timeout
+NCCL_DEBUG=WARN step barrier barrier_procs 25 $B/gpu_tests $T --exact procs_barrier_timeout
+step tests unit 10 $B/unit_tests --include-ignored --test-threads=4
+COMET_COMM_TEST_ITERS=4 step sanitizer memcheck 45 compute-sanitizer --tool memcheck --print-limit 20 $B/gpu_tests $T --exact threads_peer_rw threads_a2av_vs_nccl
+COMET_COMM_TEST_ITERS=4 step sanitizer racecheck 25 compute-sanitizer --tool racecheck --print-limit 20 $B/gpu_tests $T --exact threads_a2av_vs_nccl
+for f in tests barrier sanitizer; do
+  echo "== $f"; grep -hE "^test |test result|panicked|ERROR SUMMARY|done in|rank [01]:" "$OUT/$f.log" | head -30
+done
+tail -25 "$OUT/bench.log"
 cat "$OUT/summary.txt"

@@ -173,11 +173,11 @@ extern "C" __global__ void __launch_bounds__(COMET_COPY_THREADS)
             s_rows[t] = M[(comet_u64)rank * W + t];
             if (col > recv_capacity_rows) {
                 comet_raise(err, COMET_ERR_CAPACITY, rank, t, COMET_NO_PEER, recv_capacity_rows, col);
-                s_overflow = 1;
+                atomicOr(&s_overflow, 1);
             }
             if (row > send_capacity_rows) {
                 comet_raise(err, COMET_ERR_CAPACITY, rank, t, COMET_NO_PEER, send_capacity_rows, row);
-                s_overflow = 1;
+                atomicOr(&s_overflow, 1);
             }
             if (blockIdx.x == 0 && t == rank) {
                 // my receive layout: counts from each source, then exclusive offsets

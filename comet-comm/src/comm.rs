@@ -13,6 +13,7 @@
 //! on expiry the communicator is aborted and the call returns [`Error::Timeout`].
 
 use std::ffi::CStr;
+use std::mem::ManuallyDrop;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -27,6 +28,15 @@ use crate::rendezvous::{RendezvousConfig, rendezvous};
 
 /// Default bound on host-side waits (rendezvous, barrier, synchronisation).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long a caller waits for `ncclCommAbort` after a timeout before it gets its error
+/// anyway (the abort goes on in the background; NCCL may need every rank to abort).
+const ABORT_GRACE: Duration = Duration::from_secs(2);
+
+/// A raw communicator handle moved to the thread that aborts it.
+struct AbortJob(nccl::ncclComm_t, Arc<CudaContext>);
+// SAFETY: the handle is used by exactly one thread (the aborting one) after hand-over.
+unsafe impl Send for AbortJob {}
 
 /// How the ranks of a communicator were launched.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -230,7 +240,10 @@ pub struct Communicator {
     model: ProcessModel,
     timeout: Duration,
     aborted: AtomicBool,
-    scratch: DeviceBuffer,
+    /// Set when a wait expired: device work may still be stuck on the stream.
+    stuck: AtomicBool,
+    /// Freed on drop only when the stream drained (cuMemFree waits for the device).
+    scratch: ManuallyDrop<DeviceBuffer>,
     stream: Arc<CudaStream>,
     ctx: Arc<CudaContext>,
 }
@@ -405,7 +418,8 @@ impl Communicator {
                 model,
                 timeout,
                 aborted: AtomicBool::new(false),
-                scratch,
+                stuck: AtomicBool::new(false),
+                scratch: ManuallyDrop::new(scratch),
                 stream,
                 ctx,
             }),
@@ -481,11 +495,45 @@ impl Communicator {
         Ok(peer as i32)
     }
 
-    fn abort(&self) {
-        if !self.aborted.swap(true, Ordering::AcqRel) {
-            // SAFETY: the communicator is live; abort tears it down whatever its state.
-            unsafe { nccl::ncclCommAbort(self.comm) };
+    /// Aborts the communicator (once). The abort runs on a helper thread; the caller waits
+    /// at most `grace` for it, so a peer that never aborts cannot hang the caller.
+    fn abort(&self, grace: Duration) {
+        if self.aborted.swap(true, Ordering::AcqRel) {
+            return;
         }
+        let job = AbortJob(self.comm, self.ctx.clone());
+        let (tx, rx) = std::sync::mpsc::channel();
+        let spawned = std::thread::Builder::new()
+            .name(format!("comet-nccl-abort-{}", self.rank))
+            .spawn(move || {
+                let job = job;
+                let _ = job.1.bind_to_thread();
+                // SAFETY: the handle is live and handed over to this thread alone.
+                let r = unsafe { nccl::ncclCommAbort(job.0) };
+                let _ = tx.send(r);
+            });
+        match spawned {
+            Ok(_) => match rx.recv_timeout(grace) {
+                Ok(nccl::ncclResult_t::ncclSuccess) => {}
+                Ok(r) => tracing::warn!(rank = self.rank, "ncclCommAbort returned {r:?}"),
+                Err(_) => {
+                    self.stuck.store(true, Ordering::Release);
+                    tracing::warn!(
+                        rank = self.rank,
+                        "ncclCommAbort still running after {grace:?}; left in the background"
+                    )
+                }
+            },
+            Err(_) => {
+                // SAFETY: no helper thread: abort here (the handle is live).
+                unsafe { nccl::ncclCommAbort(self.comm) };
+            }
+        }
+    }
+
+    /// Whether the communicator was aborted (after a timeout or an error).
+    pub fn is_aborted(&self) -> bool {
+        self.aborted.load(Ordering::Acquire)
     }
 
     /// NCCL's asynchronous error state (an error for a failed or aborted communicator).
@@ -511,7 +559,8 @@ impl Communicator {
     pub fn wait(&self, stream: &CudaStream, what: &str) -> Result<()> {
         let r = wait_stream(stream, self.timeout, self.rank, what, || self.async_error());
         if r.is_err() {
-            self.abort();
+            self.stuck.store(true, Ordering::Release);
+            self.abort(ABORT_GRACE);
         }
         r
     }
@@ -553,7 +602,8 @@ impl Communicator {
             || self.async_error(),
         );
         if r.is_err() {
-            self.abort();
+            self.stuck.store(true, Ordering::Release);
+            self.abort(ABORT_GRACE);
         }
         r
     }
@@ -922,15 +972,27 @@ impl Communicator {
 
 impl Drop for Communicator {
     fn drop(&mut self) {
-        if self.aborted.load(Ordering::Acquire) {
-            return;
-        }
         // Let queued work finish (bounded), then release the communicator. Abort (not
-        // destroy) never waits for peers, so dropping cannot hang on a dead rank.
-        if self.ctx.bind_to_thread().is_ok() {
-            let _ = wait_stream(&self.stream, self.timeout, self.rank, "drop", || Ok(()));
+        // destroy) never waits for peers' operations, and runs on a helper thread with a
+        // bounded wait, so dropping cannot hang on a dead rank.
+        if !self.is_aborted() {
+            let drained = self.ctx.bind_to_thread().is_ok()
+                && wait_stream(&self.stream, self.timeout, self.rank, "drop", || Ok(())).is_ok();
+            if !drained {
+                self.stuck.store(true, Ordering::Release);
+            }
+            self.abort(self.timeout.min(Duration::from_secs(10)));
         }
-        self.abort();
+        if self.stuck.load(Ordering::Acquire) {
+            // Device work may still be running on the stream: cuMemFree would wait for it.
+            tracing::warn!(
+                rank = self.rank,
+                "communicator dropped after a timeout: its scratch buffer is leaked"
+            );
+        } else {
+            // SAFETY: dropped exactly once, here; the stream drained and NCCL is gone.
+            unsafe { ManuallyDrop::drop(&mut self.scratch) };
+        }
     }
 }
 

@@ -227,9 +227,12 @@ mod tests {
     #[test]
     #[ignore = "needs NVRTC (libnvrtc.so.13 on LD_LIBRARY_PATH)"]
     fn p2p_source_compiles_for_hopper_and_ampere() {
+        let selftest = include_str!("../cuda/selftest.cu");
         for arch in ["sm_90a", "sm_80"] {
-            let cubin = compile_cubin("p2p.cu", P2P_SOURCE, arch, &[]).unwrap();
-            assert_eq!(&cubin[..4], b"\x7fELF", "{arch}: not an ELF cubin");
+            for (name, src) in [("p2p.cu", P2P_SOURCE), ("selftest.cu", selftest)] {
+                let cubin = compile_cubin(name, src, arch, &[]).unwrap();
+                assert_eq!(&cubin[..4], b"\x7fELF", "{name} {arch}: not an ELF cubin");
+            }
         }
         let err = compile_cubin(
             "bad.cu",

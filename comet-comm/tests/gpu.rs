@@ -34,7 +34,12 @@ fn in_threads(body: Body) {
         devices: None,
         timeout: Duration::from_secs(60),
     };
+    let t0 = Instant::now();
     let out = run_local(WORLD, &opts, |comm| body(&comm));
+    eprintln!(
+        "thread-per-rank run done in {:.2} s",
+        t0.elapsed().as_secs_f64()
+    );
     if let Err(e) = out {
         panic!("thread-per-rank run failed: {e}");
     }
@@ -43,6 +48,10 @@ fn in_threads(body: Body) {
 /// Runs `body` in two processes: this test binary again, filtered to `test_name`, with the
 /// torchrun variables set. In the child (WORKER_VAR set) it bootstraps from the environment.
 fn in_processes(test_name: &str, body: Body) {
+    in_processes_within(test_name, body, Duration::from_secs(240))
+}
+
+fn in_processes_within(test_name: &str, body: Body, limit: Duration) {
     if std::env::var_os(WORKER_VAR).is_some() {
         let comm = Communicator::from_env(&EnvOptions {
             timeout: Duration::from_secs(60),
@@ -97,32 +106,40 @@ fn in_processes(test_name: &str, body: Body) {
             (a, b)
         }));
     }
-    let deadline = Instant::now() + Duration::from_secs(240);
+    let t0 = Instant::now();
+    let deadline = t0 + limit;
     let mut status = [None; WORLD];
+    let mut killed = false;
     while status.iter().any(|s| s.is_none()) {
         for (r, c) in children.iter_mut().enumerate() {
             if status[r].is_none() {
                 status[r] = c.try_wait().unwrap();
             }
         }
-        if Instant::now() > deadline {
+        if !killed && Instant::now() > deadline {
             for c in children.iter_mut() {
                 let _ = c.kill();
             }
-            panic!("worker processes did not finish within 240 s");
+            killed = true;
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+    let mut failures = Vec::new();
     for (r, d) in drains.into_iter().enumerate() {
         let (out, err) = d.join().unwrap();
-        let ok = status[r].is_some_and(|s| s.success())
+        let ok = !killed
+            && status[r].is_some_and(|s| s.success())
             && out.contains(&format!("COMET-WORKER-OK rank={r}"));
         if !ok {
-            panic!(
-                "rank {r} failed ({:?}):\n--- stdout\n{out}\n--- stderr\n{err}",
-                status[r]
-            );
+            failures.push(format!("rank {r} ({:?}, killed at the {limit:?} limit: {killed}):\n--- stdout\n{out}\n--- stderr\n{err}", status[r]));
         }
+    }
+    eprintln!(
+        "{test_name}: both ranks done in {:.2} s",
+        t0.elapsed().as_secs_f64()
+    );
+    if !failures.is_empty() {
+        panic!("{}", failures.join("\n"));
     }
 }
 
@@ -536,14 +553,20 @@ fn body_a2av_vs_nccl(comm: &Communicator) -> Result<()> {
     let max_pair = 1500usize;
     let send_cap = max_pair * world;
     let recv_cap = max_pair * world;
+    // fewer iterations under compute-sanitizer (COMET_COMM_TEST_ITERS)
+    let iters: usize = std::env::var("COMET_COMM_TEST_ITERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(14)
+        .max(4);
     let mut cfg = A2avConfig::new(row_bytes, send_cap, recv_cap);
     cfg.epoch_base = u64::MAX - 5;
-    cfg.timeout = Duration::from_secs(5);
+    // longer device waits under compute-sanitizer (fewer iterations requested)
+    cfg.timeout = Duration::from_secs(if iters < 14 { 30 } else { 5 });
     let mut a2a = AllToAllV::new(comm, k.clone(), cfg)?;
     let send = DeviceBuffer::new(comm.context(), send_cap * row_bytes)?;
     let counts_dev = DeviceBuffer::new(comm.context(), 4 * world)?;
     let nccl_recv = DeviceBuffer::new(comm.context(), recv_cap * row_bytes)?;
-    let iters = 14usize;
     for it in 0..iters {
         // counts[src][dst], identical on all ranks
         let mut rng = StdRng::seed_from_u64(seeds[0] ^ ((it as u64 + 1) * 0x51ED));
@@ -635,7 +658,7 @@ fn body_a2av_vs_nccl(comm: &Communicator) -> Result<()> {
         )?;
         comm.barrier()?;
     }
-    ensure(a2a.epoch() < 100, || {
+    ensure(a2a.epoch() < 100 || iters < 6, || {
         format!("epochs did not wrap: {}", a2a.epoch())
     })?;
     // capacity overflow: rank 0 asks to send more rows than any rank may receive
@@ -792,11 +815,14 @@ fn body_barrier_timeout(comm: &Communicator) -> Result<()> {
     // A shorter bound for this check only (the communicator is borrowed immutably).
     if comm.rank() == 0 {
         std::thread::sleep(Duration::from_secs(4));
+        eprintln!("rank 0: leaving without entering the barrier");
         return Ok(());
     }
     let t0 = Instant::now();
+    eprintln!("rank 1: barrier with a 1.5 s bound, rank 0 absent");
     let r = comm.barrier_with_timeout(Duration::from_millis(1500));
     let took = t0.elapsed();
+    eprintln!("rank 1: barrier returned after {took:?}: {r:?}");
     match r {
         Err(Error::Timeout { rank: 1, .. }) => {}
         other => return Err(Error::Protocol(format!("expected Timeout, got {other:?}"))),
@@ -834,7 +860,22 @@ both_models! {
     body_signal_stress => threads_signal_stress, procs_signal_stress;
     body_a2av_vs_nccl => threads_a2av_vs_nccl, procs_a2av_vs_nccl;
     body_timeout => threads_timeout, procs_timeout;
-    body_barrier_timeout => threads_barrier_timeout, procs_barrier_timeout;
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn threads_barrier_timeout() {
+    in_threads(body_barrier_timeout);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn procs_barrier_timeout() {
+    in_processes_within(
+        "procs_barrier_timeout",
+        body_barrier_timeout,
+        Duration::from_secs(60),
+    );
 }
 
 #[test]
