@@ -498,11 +498,16 @@ mod tests {
     }
 
     fn run_sh(bundle: &Path, args: &[&str]) -> (i32, String) {
+        run_sh_path(bundle, args, "/usr/bin:/bin")
+    }
+
+    fn run_sh_path(bundle: &Path, args: &[&str], path: &str) -> (i32, String) {
         let out = Command::new("bash")
             .arg(bundle.join("run.sh"))
             .args(args)
             .env_remove("OUT")
-            .env("PATH", "/usr/bin:/bin")
+            .env_remove("CUDA_HOME")
+            .env("PATH", path)
             .output()
             .unwrap();
         let text = String::from_utf8_lossy(&out.stdout).into_owned()
@@ -569,6 +574,43 @@ mod tests {
             !text.contains("memcheck comet-core"),
             "CPU-only binary sanitized: {text}"
         );
+    }
+
+    #[test]
+    fn run_sh_sanitizes_only_gpu_binaries_with_memcheck_and_racecheck() {
+        let dir = TestDir::new("runsh-san2");
+        let bundle = dir.path().join("bundle");
+        fake_bundle(&bundle);
+        // A stand-in compute-sanitizer: records its tool, runs the program, reports no error.
+        let tools = dir.path().join("tools");
+        std::fs::create_dir_all(&tools).unwrap();
+        script(
+            &tools.join("compute-sanitizer"),
+            "#!/usr/bin/env bash\necho \"sanitizer $2\"\nshift 6\n\"$@\"\nrc=$?\necho '========= ERROR SUMMARY: 0 errors'\nexit $rc\n",
+        );
+        let out = dir.path().join("out");
+        let path = format!("{}:/usr/bin:/bin", tools.display());
+        let (rc, text) = run_sh_path(
+            &bundle,
+            &["sanitize", "--out", out.to_str().unwrap()],
+            &path,
+        );
+        // The fake GPU test binary fails, so the step fails; both tools ran on it, only on it.
+        assert_eq!(rc, 1, "{text}");
+        let mem =
+            std::fs::read_to_string(out.join("logs/memcheck-comet-kernels.test.gemm.log")).unwrap();
+        assert!(
+            mem.contains("sanitizer memcheck") && mem.contains("test result: FAILED"),
+            "{mem}"
+        );
+        let race = std::fs::read_to_string(out.join("logs/racecheck-comet-kernels.test.gemm.log"))
+            .unwrap();
+        assert!(race.contains("sanitizer racecheck"), "{race}");
+        assert!(
+            !out.join("logs/memcheck-comet-core.lib.comet_core.log")
+                .exists()
+        );
+        assert!(text.contains("2 step(s), 2 failed"), "{text}");
     }
 
     #[test]
