@@ -61,6 +61,7 @@ struct GemmParams {
   i64 k;           // grouped-M: reduction length
   i64 accumulate;  // C += result
   i64 vec_store;   // C and aux rows are 16-byte aligned: vector stores allowed
+  i64 tile_list_len;  // entries allocated in tile_list (bounds *tile_count)
 };
 
 struct TileCoord {
@@ -200,7 +201,7 @@ struct TileEngine {
       prefix = s_prefix;
       const int groups = static_cast<int>(p.groups);
       if (p.tile_list != nullptr) {
-        total = max(*p.tile_count, 0);
+        total = min(max(*p.tile_count, 0), static_cast<int>(p.tile_list_len));
         return;
       }
       if (GROUPED_K) {

@@ -64,6 +64,16 @@ impl std::fmt::Display for DType {
     }
 }
 
+impl From<comet_core::DType> for DType {
+    fn from(d: comet_core::DType) -> Self {
+        match d {
+            comet_core::DType::BF16 => DType::BF16,
+            comet_core::DType::F16 => DType::F16,
+            comet_core::DType::F32 => DType::F32,
+        }
+    }
+}
+
 /// Host element types that map to a [`DType`].
 pub trait Element: bytemuck::Pod + Send + Sync + 'static {
     /// The matching device dtype.
@@ -323,6 +333,37 @@ impl DeviceTensor {
         // SAFETY: `out` holds exactly as many elements as the tensor (checked above); the
         // stream is synchronised before `out` is read or dropped.
         unsafe { drv::memcpy_dtoh_async(&mut out, self.ptr, gpu.stream().cu_stream())? };
+        gpu.synchronize()?;
+        Ok(out)
+    }
+
+    /// Copies elements `start..start + len` to the host (synchronises `gpu`'s stream).
+    pub fn to_host_range<T: Element>(&self, gpu: &Gpu, start: usize, len: usize) -> Result<Vec<T>> {
+        self.check_device(gpu, "to_host_range")?;
+        if T::DTYPE != self.dtype {
+            return Err(Error::DType {
+                what: "to_host_range".into(),
+                got: T::DTYPE.to_string(),
+                expected: self.dtype.to_string(),
+            });
+        }
+        let end = start.saturating_add(len);
+        if end > self.numel() {
+            return Err(Error::limit(
+                "to_host_range end",
+                end,
+                format!("{} elements", self.numel()),
+            ));
+        }
+        let mut out = vec![T::zeroed(); len];
+        if len == 0 {
+            return Ok(out);
+        }
+        gpu.context().bind_to_thread()?;
+        let src = self.ptr + (start * self.dtype.size()) as u64;
+        // SAFETY: `start + len <= numel` was checked, so the source range is inside the
+        // allocation; `out` holds `len` elements; the stream is synchronised before return.
+        unsafe { drv::memcpy_dtoh_async(&mut out, src, gpu.stream().cu_stream())? };
         gpu.synchronize()?;
         Ok(out)
     }

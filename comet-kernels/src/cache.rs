@@ -303,6 +303,9 @@ pub fn compile_cubin(program: &Program, options: &[String], arch: Arch) -> Resul
 }
 
 type ModuleKey = (usize, String);
+/// Memo of keys for programs whose source and headers are `'static` (embedded): identified by
+/// the addresses and lengths of their texts, so the SHA-256 runs once per specialisation.
+type StaticKey = (Vec<(usize, usize)>, Defines, Arch);
 type FunctionKey = (usize, String, String);
 
 /// Thread-safe cache of cubins (memory + disk), loaded modules and functions per context.
@@ -311,6 +314,7 @@ pub struct KernelCache {
     dir: Option<PathBuf>,
     toolkit_opts: OnceLock<Vec<String>>,
     cubins: Mutex<HashMap<String, Arc<Vec<u8>>>>,
+    static_keys: Mutex<HashMap<StaticKey, (Vec<String>, String)>>,
     modules: Mutex<HashMap<ModuleKey, Arc<CudaModule>>>,
     functions: Mutex<HashMap<FunctionKey, CudaFunction>>,
 }
@@ -352,8 +356,21 @@ impl KernelCache {
         defines: &Defines,
         arch: Arch,
     ) -> Result<(Vec<String>, String)> {
+        let static_id = static_identity(program);
+        if let Some(id) = &static_id {
+            let memo = (id.clone(), defines.clone(), arch);
+            if let Some(k) = self.static_keys.lock().map_err(poisoned)?.get(&memo) {
+                return Ok(k.clone());
+            }
+        }
         let options = compile_options(arch, &self.include_options()?, defines);
         let key = cache_key(program, &options, nvrtc_version()?, arch);
+        if let Some(id) = static_id {
+            self.static_keys
+                .lock()
+                .map_err(poisoned)?
+                .insert((id, defines.clone(), arch), (options.clone(), key.clone()));
+        }
         Ok((options, key))
     }
 
@@ -438,6 +455,27 @@ impl KernelCache {
             .or_insert_with(|| f.clone());
         Ok(f)
     }
+}
+
+/// Addresses and lengths of a program's texts when all of them are `'static`.
+fn static_identity(p: &Program) -> Option<Vec<(usize, usize)>> {
+    let mut id = Vec::with_capacity(2 + 2 * p.headers.len());
+    let mut add = |c: &Cow<'static, str>| match c {
+        Cow::Borrowed(s) => {
+            id.push((s.as_ptr() as usize, s.len()));
+            true
+        }
+        Cow::Owned(_) => false,
+    };
+    if !add(&p.name) || !add(&p.source) {
+        return None;
+    }
+    for (n, c) in &p.headers {
+        if !add(n) || !add(c) {
+            return None;
+        }
+    }
+    Some(id)
 }
 
 fn poisoned<T>(_: std::sync::PoisonError<T>) -> Error {

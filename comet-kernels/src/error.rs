@@ -116,6 +116,17 @@ pub enum Error {
         /// Ordinal of the operation.
         expected: usize,
     },
+    /// A configuration rejected by comet-core.
+    #[error(transparent)]
+    Core(#[from] comet_core::Error),
+    /// A device-side check reported problems (e.g. the routing plan's status word).
+    #[error("{what}: the device reported {count} problem(s)")]
+    DeviceStatus {
+        /// Which kernel.
+        what: String,
+        /// Problems counted on the device.
+        count: i64,
+    },
     /// An invalid argument that fits no other variant.
     #[error("invalid argument: {0}")]
     Invalid(String),

@@ -574,6 +574,7 @@ struct GemmParams {
     k: i64,
     accumulate: i64,
     vec_store: i64,
+    tile_list_len: i64,
 }
 
 /// Arguments of one grouped GEMM launch. Build with [`GemmArgs::forward`],
@@ -772,6 +773,7 @@ pub fn grouped_gemm(gpu: &Gpu, args: GemmArgs<'_>) -> Result<()> {
         k: plan.k as i64,
         accumulate: i64::from(args.accumulate),
         vec_store: i64::from(vec_store),
+        tile_list_len: desc.tile_list_len.unwrap_or(0) as i64,
     };
     let f = kernel(gpu, &plan)?;
     let smem = tile.smem_bytes();
@@ -1010,7 +1012,7 @@ mod tests {
 
     #[test]
     fn params_layout_is_all_8_byte_fields() {
-        assert_eq!(std::mem::size_of::<GemmParams>(), 21 * 8);
+        assert_eq!(std::mem::size_of::<GemmParams>(), 22 * 8);
         assert_eq!(std::mem::align_of::<GemmParams>(), 8);
     }
 }

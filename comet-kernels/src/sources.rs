@@ -20,6 +20,8 @@ pub const ROUTER_CU: &str = include_str!("../cuda/router.cu");
 pub const ROUTING_CU: &str = include_str!("../cuda/routing.cu");
 /// Row permute / gather / combine.
 pub const ROWS_CU: &str = include_str!("../cuda/rows.cu");
+/// Deterministic random fills.
+pub const INIT_CU: &str = include_str!("../cuda/init.cu");
 /// Element-wise activation forward/backward.
 pub const ACTIVATION_CU: &str = include_str!("../cuda/activation.cu");
 

@@ -151,6 +151,83 @@ fn every_kernel_compiles() {
     }
 }
 
+/// Every specialisation the GPU tests and `gemm_bench` use on sm_90a.
+fn sm90_variants() -> Vec<(Program, Defines, String)> {
+    let mut v = Vec::new();
+    let kinds = [
+        (GemmKind::Forward, Epilogue::None),
+        (GemmKind::Forward, Epilogue::SwiGlu),
+        (GemmKind::Forward, Epilogue::Gelu),
+        (GemmKind::Dgrad, Epilogue::None),
+        (GemmKind::Wgrad, Epilogue::None),
+    ];
+    for (name, tile) in TileShape::ALL {
+        for (kind, epi) in kinds {
+            for dtype in [DType::BF16, DType::F16] {
+                for out in [dtype, DType::F32] {
+                    let plan = gemm::plan(&gemm_desc(kind, epi, dtype, out, tile)).unwrap();
+                    v.push((
+                        gemm::program(),
+                        plan.defines,
+                        format!("gemm-{name}-{kind:?}-{epi:?}-{dtype}-{out}"),
+                    ));
+                }
+            }
+        }
+    }
+    for f16 in [false, true] {
+        let mut d = Defines::new();
+        if f16 {
+            d.insert("COMET_F16".into(), String::new());
+        }
+        for (n, src) in [
+            ("rows.cu", sources::ROWS_CU),
+            ("activation.cu", sources::ACTIVATION_CU),
+        ] {
+            v.push((sources::program(n, src), d.clone(), format!("{n}-f16{f16}")));
+        }
+        for epl in 1..=32 {
+            let mut d = d.clone();
+            d.insert("ROUTER_EPL".into(), epl.to_string());
+            v.push((
+                sources::program("router.cu", sources::ROUTER_CU),
+                d,
+                format!("router-epl{epl}-f16{f16}"),
+            ));
+        }
+    }
+    v.push((
+        sources::program("routing.cu", sources::ROUTING_CU),
+        Defines::new(),
+        "routing".into(),
+    ));
+    v.push((
+        sources::program("init.cu", sources::INIT_CU),
+        Defines::new(),
+        "init".into(),
+    ));
+    v
+}
+
+/// Fills the on-disk cache (`COMET_CACHE_DIR`) with every sm_90a specialisation, so a GPU
+/// host with the same toolkit path and NVRTC version finds them compiled.
+#[test]
+#[ignore = "needs NVRTC"]
+fn warm_cache() {
+    let cache = KernelCache::new(comet_kernels::cache::default_cache_dir());
+    let started = std::time::Instant::now();
+    let all = sm90_variants();
+    for (p, d, tag) in &all {
+        compile(&cache, p, d, Arch::SM90, tag);
+    }
+    eprintln!(
+        "{} specialisations in {:.1}s into {:?}",
+        all.len(),
+        started.elapsed().as_secs_f64(),
+        cache.dir()
+    );
+}
+
 #[test]
 #[ignore = "needs NVRTC"]
 fn compile_errors_carry_the_log() {
