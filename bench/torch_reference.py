@@ -374,6 +374,7 @@ def cmd_gen(args) -> int:
         preset=args.preset,
         route=args.route,
         zero_tokens=args.zero_tokens,
+        gen_device=args.device,
         format_version=FORMAT_VERSION,
     )
     validate_config(cfg)
@@ -399,18 +400,25 @@ def cmd_gen(args) -> int:
             )
 
     os.makedirs(args.out, exist_ok=True)
-    g = torch.Generator().manual_seed(args.seed)
-    x = torch.randn((T, H), generator=g)
-    wr = torch.randn((E, H), generator=g) / math.sqrt(H)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise InteropError("--device cuda: no CUDA device visible to torch")
+    dev = torch.device(args.device)
+    g = torch.Generator(device=dev).manual_seed(args.seed)
+
+    def randn(*shape):
+        return torch.randn(shape, generator=g, device=dev)
+
+    x = randn(T, H)
+    wr = randn(E, H) / math.sqrt(H)
     if favoured is not None:
         # Skew routing deterministically: every token gets component a along a unit vector u
         # (its own u-component removed first), favoured router rows +b·u, the others −b·u.
         # Logit gap 2ab = 18 against O(1) noise.
-        u = torch.randn((H,), generator=g)
+        u = randn(H)
         u = u / u.norm()
         a, b = 3.0, 3.0
         x = x - (x @ u)[:, None] * u[None, :] + a * u[None, :]
-        sign = -torch.ones((E,))
+        sign = -torch.ones((E,), device=dev)
         sign[favoured] = 1.0
         wr = wr + b * sign[:, None] * u[None, :]
     if args.zero_tokens:
@@ -421,18 +429,18 @@ def cmd_gen(args) -> int:
     write_npy(os.path.join(args.out, "wr.npy"), wr)
     w0 = NpyWriter(os.path.join(args.out, "w0.npy"), torch.float32, (E, N0, H))
     for _ in range(E):
-        w0.write(bf16_round(torch.randn((N0, H), generator=g) / math.sqrt(H)))
+        w0.write(bf16_round(randn(N0, H) / math.sqrt(H)))
     w0.close()
     w1 = NpyWriter(os.path.join(args.out, "w1.npy"), torch.float32, (E, H, Fd))
     for _ in range(E):
-        w1.write(bf16_round(torch.randn((H, Fd), generator=g) / math.sqrt(Fd)))
+        w1.write(bf16_round(randn(H, Fd) / math.sqrt(Fd)))
     w1.close()
-    write_npy(os.path.join(args.out, "dy.npy"), bf16_round(torch.randn((T, H), generator=g)))
+    write_npy(os.path.join(args.out, "dy.npy"), bf16_round(randn(T, H)))
 
     # Check the routing property the options promise (on the bf16-rounded values).
     _, ids, _ = route(x @ wr.t(), k, cfg["renormalize"])
     if favoured is not None:
-        ok = torch.isin(ids, torch.tensor(favoured)).all().item()
+        ok = torch.isin(ids, torch.tensor(favoured, device=dev)).all().item()
         if not ok:
             raise InteropError(f"--route {args.route}: generated routing leaves the favoured experts")
     hist = torch.bincount(ids.reshape(-1), minlength=E)
@@ -1176,6 +1184,13 @@ def build_parser():
         "sparse: only even expert ids are chosen (odd experts empty)",
     )
     g.add_argument("--zero-tokens", type=int, default=0, help="first N tokens of every rank are zero (exact routing ties)")
+    g.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="where the random numbers are drawn (cuda is much faster for GB-sized layers; "
+        "the values differ from cpu's for the same seed)",
+    )
     g.set_defaults(func=cmd_gen)
 
     r = sub.add_parser("ref", help="compute outputs for an input directory")

@@ -14,7 +14,8 @@
 #
 # Knobs (environment): PY, OUT, NPROC (2), TOKENS (8192), IO_TOKENS (256), DEVICE (cuda; cpu
 # runs the same steps with gloo, for a dry run), OVERRIDE (extra shape flags appended to every
-# command, e.g. "--hidden 64 --ffn 32" for a CPU dry run), PRESETS, ITERS (20).
+# command, e.g. "--hidden 64 --ffn 32" for a CPU dry run), PRESETS, ITERS (20), STEPS
+# ("interop bench": either or both).
 set -u
 export NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 
@@ -29,6 +30,7 @@ DEVICE="${DEVICE:-cuda}"
 OVERRIDE="${OVERRIDE:-}"
 PRESETS="${PRESETS:-mixtral qwen2-moe phi3.5-moe deepseek-v3}"
 ITERS="${ITERS:-20}"
+STEPS="${STEPS:-interop bench}"
 IO="${IO:-${TMPDIR:-/tmp}/comet-interop}"
 
 mkdir -p "$OUT"
@@ -59,8 +61,8 @@ TORCHRUN=("$PY" -m torch.distributed.run --standalone --nproc-per-node "$NPROC")
 # 1. interop
 rm -rf "$IO"
 # shellcheck disable=SC2086
-if step gen "$PY" "$SCRIPT" gen --out "$IO/in" --preset mixtral --tokens "$IO_TOKENS" --world "$NPROC" \
-  --seed 5 --zero-tokens 2 $OVERRIDE; then
+if [[ " $STEPS " == *" interop "* ]] && step gen "$PY" "$SCRIPT" gen --out "$IO/in" --preset mixtral --tokens "$IO_TOKENS" --world "$NPROC" \
+  --seed 5 --zero-tokens 2 --device "$DEVICE" $OVERRIDE; then
   step ref-f32 "$PY" "$SCRIPT" ref --inputs "$IO/in" --out "$IO/torch-f32" --device "$DEVICE" --dtype f32
   step ref-bf16 "$PY" "$SCRIPT" ref --inputs "$IO/in" --out "$IO/torch-bf16" --device "$DEVICE" --dtype bf16
   step compare-torch-bf16 "$PY" "$SCRIPT" compare --a "$IO/torch-bf16" --b "$IO/torch-f32" \
@@ -73,6 +75,7 @@ if step gen "$PY" "$SCRIPT" gen --out "$IO/in" --preset mixtral --tokens "$IO_TO
 fi
 
 # 2. the PyTorch expert-parallel layer
+[[ " $STEPS " == *" bench "* ]] || PRESETS=""
 for P in $PRESETS; do
   J="$OUT/torch-$P-w$NPROC-m$TOKENS.json"
   # shellcheck disable=SC2086
@@ -87,5 +90,6 @@ for P in $PRESETS; do
   fi
 done
 
+rm -rf "$IO"
 echo "torch run: $([ $FAILED -eq 0 ] && echo all steps passed || echo SOME STEPS FAILED), results in $OUT" | tee -a "$LOG"
 exit $FAILED

@@ -474,6 +474,11 @@ class BadInput(unittest.TestCase):
                 p = run(*args, check=False)
                 self.assertEqual(p.returncode, 2, p.stderr)
                 self.assertIn(msg, p.stderr)
+            if not torch.cuda.is_available():
+                p = run("gen", "--out", d, "--preset", "mixtral", "--hidden", "16", "--ffn", "8", "--tokens", "4",
+                        "--device", "cuda", check=False)
+                self.assertEqual(p.returncode, 2)
+                self.assertIn("no CUDA device", p.stderr)
             p = run("gen", "--out", d, "--preset", "custom", "--hidden", "16", "--tokens", "4", check=False)
             self.assertEqual(p.returncode, 2)
             self.assertIn("--ffn --experts --top-k", p.stderr)
