@@ -15,11 +15,14 @@ done
 export PATH=/usr/local/cuda/bin:$PATH
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv > "$O/gpu.txt" 2>&1
 cat "$O/gpu.txt"
-STEPS=${STEPS:-"small full memcheck racecheck ncu"}
+STEPS=${STEPS:-"small rust full memcheck racecheck ncu"}
+export COMET_CACHE_DIR=/tmp/comet-cache
 for s in $STEPS; do
   t0=$(date +%s)
   case $s in
     small) timeout 40 "$D/hopper_dev" --small > "$O/small.log" 2>&1; rc=$? ;;
+    rust) timeout 60 "$D/comet_kernels_tests" --include-ignored --test-threads 1 --skip nvrtc_compiles sm90:: > "$O/rust.log" 2>&1; rc=$?
+          timeout 40 compute-sanitizer --tool memcheck "$D/comet_kernels_tests" --include-ignored --test-threads 1 sm90::tests::bad_offsets sm90::tests::tile_order >> "$O/rust.log" 2>&1 || rc=$((rc+100)) ;;
     full) timeout ${FULL_LIMIT:-130} "$D/hopper_dev" --iters ${ITERS:-20} --json "$O/hopper-gemm.json" > "$O/full.log" 2>&1; rc=$? ;;
     memcheck) timeout 35 compute-sanitizer --tool memcheck --print-limit 20 "$D/hopper_dev" --small --only ${SAN_ONLY:-edge.} > "$O/memcheck.log" 2>&1; rc=$? ;;
     racecheck) timeout 40 compute-sanitizer --tool racecheck --print-limit 20 "$D/hopper_dev" --small --only ${RACE_ONLY:-.ragged} > "$O/racecheck.log" 2>&1; rc=$? ;;
@@ -33,6 +36,7 @@ for s in $STEPS; do
   echo "== step $s: rc=$rc, $(( $(date +%s) - t0 )) s"
   case $s in
     small) grep -E "FAIL|OK:|failing|error|Error" "$O/small.log" | head -30 ;;
+    rust) grep -E "^test |test result|panicked|ERROR SUMMARY" "$O/rust.log" | head -40 ;;
     full) grep -E "FAIL|failing|error|Error|cuBLAS dense bf16" "$O/full.log" | head -20; sed -n '/^problem/,$p' "$O/full.log" ;;
     memcheck|racecheck) grep -E "ERROR SUMMARY|Hazard|Invalid|error" "$O/$s.log" | head -12 ;;
     ncu) grep -E "gg_kernel<|SM Frequency|Compute \(SM\) Throughput|L2 Cache Throughput|dram__bytes|lts__t_sector_hit|gpu__time_duration" "$O/ncu.log" | sed -E 's/ +/ /g' | cut -c1-110 | head -64 ;;
