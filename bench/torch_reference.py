@@ -762,7 +762,9 @@ class EPMoE:
         x_recv = _AllToAll.apply(x_send, recv_splits, send_splits, self.group)
         # received (source, expert, token) → (expert, source, token) for the grouped GEMM
         rc = recv_counts.view(W, L)
-        local_eid = torch.repeat_interleave(torch.arange(L, device=x.device).repeat(W), rc.reshape(-1))
+        local_eid = torch.repeat_interleave(
+            torch.arange(L, device=x.device).repeat(W), rc.reshape(-1), output_size=sum(recv_splits)
+        )  # output_size known on the host: no second sync
         perm2 = torch.argsort(local_eid, stable=True)
         inv2 = _inverse_perm(perm2)
         x_e = x_recv.index_select(0, perm2)
@@ -780,7 +782,8 @@ class EPMoE:
         o_src = o.index_select(0, inv2)
         o_back = _AllToAll.apply(o_src, send_splits, recv_splits, self.group)
         o_slots = o_back.index_select(0, _inverse_perm(order)).view(M, k, H)
-        y = (o_slots.float() * w.unsqueeze(-1)).sum(1).to(x.dtype)
+        # Σ_j w[t,j]·o_j as one batched GEMM in the activation dtype (f32 accumulation)
+        y = torch.bmm(w.to(x.dtype).unsqueeze(1), o_slots).squeeze(1)
         mark("combine")
         return y, ids
 
