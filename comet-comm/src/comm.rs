@@ -554,8 +554,9 @@ impl Communicator {
     }
 
     /// Waits (bounded by the timeout) until all work queued on `stream` is done, checking
-    /// NCCL's asynchronous errors meanwhile. On timeout the communicator is aborted, so a
-    /// dead peer cannot leave the caller hanging.
+    /// NCCL's asynchronous errors meanwhile. On timeout the communicator is aborted (on a
+    /// helper thread, waited for at most a few seconds) and [`Error::Timeout`] returned.
+    /// See [`Communicator::barrier_with_timeout`] for the one case NCCL itself blocks.
     pub fn wait(&self, stream: &CudaStream, what: &str) -> Result<()> {
         let r = wait_stream(stream, self.timeout, self.rank, what, || self.async_error());
         if r.is_err() {
@@ -577,6 +578,14 @@ impl Communicator {
     }
 
     /// [`Communicator::barrier`] with an explicit bound.
+    ///
+    /// The bound covers the barrier's completion on the stream. Known limit (seen on
+    /// 2 × H200, NCCL 2.28.9): NCCL connects peers lazily by default
+    /// (`NCCL_RUNTIME_CONNECT=1`), inside the host call of the first collective that needs
+    /// the connection, and that call blocks until the peer takes part; a rank that never
+    /// enters the *first* collective of a communicator therefore hangs its peers inside
+    /// NCCL, before this bound applies. Launch with `NCCL_RUNTIME_CONNECT=0` (connect at
+    /// init) where that matters.
     pub fn barrier_with_timeout(&self, timeout: Duration) -> Result<()> {
         let _span = tracing::debug_span!("barrier", rank = self.rank).entered();
         self.live()?;
