@@ -495,6 +495,22 @@ mod tests {
     }
 
     #[test]
+    fn embedded_programs_get_a_key_memo_owned_ones_do_not() {
+        let p = prog("static");
+        assert!(static_identity(&p).is_some());
+        let mut owned = prog("x");
+        owned.source = Cow::Owned("x".to_string());
+        assert!(static_identity(&owned).is_none());
+        let mut owned_header = prog("x");
+        owned_header
+            .headers
+            .push((Cow::Borrowed("h2"), Cow::Owned("y".into())));
+        assert!(static_identity(&owned_header).is_none());
+        // Different texts at different addresses give different identities.
+        assert_ne!(static_identity(&prog("a")), static_identity(&prog("bb")));
+    }
+
+    #[test]
     fn arch_targets() {
         assert_eq!(Arch::SM90.target(), "sm_90a");
         assert_eq!(Arch::SM80.target(), "sm_80");

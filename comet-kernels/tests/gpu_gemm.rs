@@ -700,3 +700,61 @@ fn shape_errors_before_launch() {
         "{err}"
     );
 }
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn small_layouts_for_sanitizers() {
+    // Tiny problems of every layout and tile shape (quick under compute-sanitizer memcheck and
+    // racecheck): partial tiles everywhere, an empty group, K = 72 and N = 136 (not multiples
+    // of 64).
+    for (name, t) in TileShape::ALL {
+        let swiglu = FwdOpts {
+            epi: Epilogue::SwiGlu,
+            aux: true,
+            row_scale: true,
+            tile: Some(t),
+            ..Default::default()
+        };
+        check_forward(
+            DType::BF16,
+            &[0, 3, 130],
+            2 * 72,
+            72,
+            swiglu,
+            &format!("small fwd swiglu {name}"),
+        );
+        check_forward(
+            DType::BF16,
+            &[9, 0],
+            136,
+            72,
+            FwdOpts {
+                f32_out: true,
+                accumulate: true,
+                tile: Some(t),
+                ..Default::default()
+            },
+            &format!("small fwd f32 {name}"),
+        );
+        check_dgrad(
+            DType::BF16,
+            &[5, 0, 70],
+            72,
+            136,
+            true,
+            false,
+            Some(t),
+            &format!("small dgrad {name}"),
+        );
+        check_wgrad(
+            DType::BF16,
+            DType::F32,
+            &[0, 40, 67],
+            64,
+            72,
+            false,
+            Some(t),
+            &format!("small wgrad {name}"),
+        );
+    }
+}
