@@ -64,6 +64,8 @@ LOGS="$OUTDIR/logs"
 # NVLink multicast must stay off on the shared hosts.
 export NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 export COMET_CACHE_DIR="${COMET_CACHE_DIR:-$HERE/cache}"
+# Tests that run the comet-bench binary find it here (the build machine's path is gone).
+[[ -x "$HERE/bin/comet-bench" ]] && export COMET_BENCH_BIN="$HERE/bin/comet-bench"
 mkdir -p "$COMET_CACHE_DIR" 2>/dev/null || true
 
 # Python site-packages directories (for the NVIDIA wheels: NCCL, NVSHMEM, the toolkit).
