@@ -252,6 +252,59 @@ fn run_gpu(bin: &Path, args: &BenchArgs, world: usize) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::util::testdir::{TestDir, script};
+
+    /// A stand-in comet-bench with 2 GPUs and a GPU path: `devices`, `run` and `report` log
+    /// their arguments; `run` writes a rank report named by `--json`.
+    const FAKE_BENCH: &str = r#"#!/usr/bin/env bash
+log="$(dirname "$0")/calls.log"
+echo "$* | RANK=${RANK:-} WORLD_SIZE=${WORLD_SIZE:-}" >> "$log"
+case "$1" in
+  devices) echo '{"driver_found": true, "devices": [{"ordinal": 0, "name": "NVIDIA H200"}, {"ordinal": 1, "name": "NVIDIA H200"}], "gpu_bench": true}' ;;
+  run) while [ $# -gt 0 ]; do [ "$1" = --json ] && json="$2"; shift; done
+       echo "{\"rank\": $RANK}" > "$json" ;;
+  report) echo "table" ;;
+  *) exit 9 ;;
+esac
+"#;
+
+    #[test]
+    fn the_gpu_path_launches_every_rank_then_reports() {
+        let dir = TestDir::new("bench-gpu");
+        let bin = dir.path().join("comet-bench");
+        script(&bin, FAKE_BENCH);
+        let extra = dir.path().join("torch.json");
+        std::fs::write(&extra, "{}").unwrap();
+        let args = BenchArgs {
+            bin: Some(bin),
+            presets: vec!["mixtral".into()],
+            out: Some(dir.path().join("results")),
+            scratch: Some(dir.path().join("scratch")),
+            extra: vec![extra.clone()],
+            timeout_s: 60,
+            ..Default::default()
+        };
+        run(&args).unwrap();
+        let calls = std::fs::read_to_string(dir.path().join("calls.log")).unwrap();
+        let lines: Vec<&str> = calls.lines().collect();
+        assert_eq!(lines.len(), 4, "{calls}");
+        assert!(lines[0].starts_with("devices --json"), "{calls}");
+        let mut runs: Vec<&str> = lines[1..3].to_vec();
+        runs.sort();
+        assert!(
+            runs[0].starts_with("run --presets mixtral --json ")
+                && runs[0].ends_with("RANK=0 WORLD_SIZE=2"),
+            "{calls}"
+        );
+        assert!(runs[1].ends_with("RANK=1 WORLD_SIZE=2"), "{calls}");
+        let report = lines[3];
+        assert!(report.starts_with("report --out "), "{report}");
+        assert!(
+            report.contains("rank0.json") && report.contains("rank1.json"),
+            "{report}"
+        );
+        assert!(report.contains(extra.to_str().unwrap()), "{report}");
+    }
 
     fn devices(n: usize, gpu_bench: bool) -> Devices {
         Devices {
