@@ -25,6 +25,7 @@ pub mod init;
 pub mod router;
 pub mod routing;
 pub mod rows;
+pub mod sm90;
 pub mod sources;
 pub mod toolkit;
 
