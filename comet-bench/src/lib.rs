@@ -18,6 +18,18 @@
 //! (`.npy` interop with PyTorch). [`probe::GPU_BENCH`] says whether this build has the GPU
 //! path; until it does, `cargo xtask bench` runs the CPU reference and says so.
 
+//!
+//! # Contract for the GPU `run` subcommand (for whoever adds it)
+//!
+//! `cargo xtask bench` starts one process per GPU as
+//! `comet-bench run [--presets a,b] [--tokens n,m] [--strategies s,t] [--iters N] [--backward]
+//! --json PATH`, passing only the options the user gave, with the torchrun variables
+//! (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `LOCAL_WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT`) and
+//! multicast off. Each rank uses GPU `LOCAL_RANK`, writes a [`report::RankReport`] to `PATH`
+//! and exits 0; rank 0 may print `COMET_PROGRESS <done> <total> <label>` lines for the
+//! progress bar. xtask then runs `comet-bench report --out DIR <rank files> <extras>`. Set
+//! [`probe::GPU_BENCH`] to `true` when `run` exists, so xtask stops falling back to the CPU.
+
 #![warn(missing_docs)]
 
 pub mod cpu;
