@@ -391,6 +391,12 @@ static std::vector<Variant> all_variants() {
   v.push_back(make_variant<Config<MODE_FWD, 256, false, 4, EPI_SWIGLU, false, false, 16, 2>>("c2coop256"));
   v.push_back(make_variant<Config<MODE_FWD, 256, false, 4, EPI_GELU, false, false, 16, 2>>("c2coop256"));
   v.push_back(make_variant<Config<MODE_DGRAD, 256, false, 4, EPI_NONE, false, false, 16, 2>>("c2coop256"));
+  // L2 eviction hints (A evict_last, weights evict_first)
+  v.push_back(make_variant<Config<MODE_FWD, 256, false, 4, EPI_NONE, false, false, 16, 2, 1>>("c2coop256h"));
+  v.push_back(make_variant<Config<MODE_FWD, 256, false, 4, EPI_SWIGLU, false, false, 16, 2, 1>>("c2coop256h"));
+  v.push_back(make_variant<Config<MODE_DGRAD, 256, false, 4, EPI_NONE, false, false, 16, 2, 1>>("c2coop256h"));
+  v.push_back(make_variant<Config<MODE_FWD, 256, false, 4, EPI_NONE, false, false, 16, 1, 1>>("coop256h"));
+  v.push_back(make_variant<Config<MODE_WGRAD, 256, false, 4, EPI_NONE, false, false, 16, 1, 1>>("coop256h"));
   // forward, plain
   v.push_back(make_variant<Config<MODE_FWD, 256, false, 4, EPI_NONE>>("coop256x4"));
   v.push_back(make_variant<Config<MODE_FWD, 128, true, 6, EPI_NONE>>("pp128x6"));

@@ -26,11 +26,11 @@ for s in $STEPS; do
     full) timeout ${FULL_LIMIT:-130} "$D/hopper_dev" --iters ${ITERS:-20} --json "$O/hopper-gemm.json" > "$O/full.log" 2>&1; rc=$? ;;
     memcheck) timeout 35 compute-sanitizer --tool memcheck --print-limit 20 "$D/hopper_dev" --small --only ${SAN_ONLY:-edge.} > "$O/memcheck.log" 2>&1; rc=$? ;;
     racecheck) timeout 40 compute-sanitizer --tool racecheck --print-limit 20 "$D/hopper_dev" --small --only ${RACE_ONLY:-.ragged} > "$O/racecheck.log" 2>&1; rc=$? ;;
-    ncu) # plain vs SwiGLU (Mixtral gemm0), cluster vs not; then DeepSeek gemm0 DRAM bytes
+    ncu) # cluster (+hint) vs single-CTA (+hint): Mixtral gemm1, DeepSeek gemm0
          M="--metrics dram__bytes_read.sum,dram__bytes_write.sum,lts__t_sector_hit_rate.pct,gpu__time_duration.sum"
-         timeout 45 ncu --clock-control none --kernel-name regex:gg_kernel --launch-count 6 \
-           --section SpeedOfLight $M "$D/hopper_dev" --only mixtral.gemm0 --no-timing > "$O/ncu.log" 2>&1; rc=$?
-         timeout 30 ncu --clock-control none --kernel-name regex:gg_kernel --launch-count 2 \
+         timeout 40 ncu --clock-control none --kernel-name regex:gg_kernel --launch-count 4 \
+           --section SpeedOfLight $M "$D/hopper_dev" --only mixtral.gemm1 --no-timing > "$O/ncu.log" 2>&1; rc=$?
+         timeout 40 ncu --clock-control none --kernel-name regex:gg_kernel --launch-count 4 \
            --section SpeedOfLight $M "$D/hopper_dev" --only deepseekv3.gemm0 --no-timing >> "$O/ncu.log" 2>&1 ;;
   esac
   echo "== step $s: rc=$rc, $(( $(date +%s) - t0 )) s"

@@ -35,8 +35,10 @@ enum : int {
 ///            tiles use the same weight tile (same expert and n-tile) each CTA loads half of
 ///            it and multicasts it to both (half the B traffic from L2, and the pair reads the
 ///            weights from DRAM once, in lock-step). Launch with cluster dimension (2, 1, 1).
+///  L2HINT:   0 = default L2 policy for all loads; 1 = A (activations, re-read across
+///            n-tiles) evict_last and B (weights, streamed) evict_first.
 template <int MODE_, int BN_, bool PINGPONG_, int STAGES_, int EPI_, bool IN_F16_ = false,
-          bool OUT_F16_ = false, int BAND_ = 16, int CLUSTER_ = 1>
+          bool OUT_F16_ = false, int BAND_ = 16, int CLUSTER_ = 1, int L2HINT_ = 0>
 struct Config {
   static constexpr int MODE = MODE_;
   static constexpr int BM = 128;
@@ -49,6 +51,7 @@ struct Config {
   static constexpr bool OUT_F16 = OUT_F16_;
   static constexpr int BAND = BAND_;
   static constexpr int CLUSTER = CLUSTER_;
+  static constexpr int L2HINT = L2HINT_;
   static constexpr bool KGROUPED = MODE == MODE_WGRAD;
   static constexpr bool A_MN = MODE == MODE_WGRAD;  // A stored M-major in shared memory
   static constexpr bool B_MN = MODE != MODE_FWD;    // B stored N-major in shared memory

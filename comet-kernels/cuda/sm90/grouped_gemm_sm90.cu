@@ -7,9 +7,13 @@
     !defined(SM90_OUT_F16) || !defined(SM90_BAND) || !defined(SM90_CLUSTER)
 #error "the SM90_* specialisation macros must all be defined"
 #endif
+#ifndef SM90_L2HINT
+#define SM90_L2HINT 0
+#endif
 
 typedef comet_sm90::Config<SM90_MODE, SM90_BN, SM90_PINGPONG != 0, SM90_STAGES, SM90_EPI,
-                           SM90_IN_F16 != 0, SM90_OUT_F16 != 0, SM90_BAND, SM90_CLUSTER>
+                           SM90_IN_F16 != 0, SM90_OUT_F16 != 0, SM90_BAND, SM90_CLUSTER,
+                           SM90_L2HINT>
     comet_sm90_config;
 
 #ifdef SM90_SMEM_ONE_EXPERT

@@ -105,8 +105,8 @@ __device__ __forceinline__ void load_stage(const GroupedGemmArgs& g, const Ring<
 template <class C, class Sched, class Hook>
 __device__ __forceinline__ void producer_loop(const GroupedGemmArgs& g, const Sched& sched,
                                               const Ring<C>& ring, const Hook& hook) {
-  const u64 pol_a = make_policy<0>();
-  const u64 pol_b = make_policy<0>();
+  const u64 pol_a = make_policy<C::L2HINT == 1 ? 2 : 0>();
+  const u64 pol_b = make_policy<C::L2HINT == 1 ? 1 : 0>();
   RingPos pos{0, 0};
   for (int slot = blockIdx.x; slot < sched.total; slot += gridDim.x) {
     Tile t;
@@ -154,8 +154,8 @@ template <class C, class Sched, class Hook>
 __device__ __forceinline__ void producer_loop_cluster(const GroupedGemmArgs& g,
                                                       const Sched& sched, const Ring<C>& ring,
                                                       const Hook& hook, int rank) {
-  const u64 pol_a = make_policy<0>();
-  const u64 pol_b = make_policy<0>();
+  const u64 pol_a = make_policy<C::L2HINT == 1 ? 2 : 0>();
+  const u64 pol_b = make_policy<C::L2HINT == 1 ? 1 : 0>();
   RingPos pos{0, 0};
   const int npairs = (sched.total + 1) / 2;
   for (int u = (int)cluster_id_x(); u < npairs; u += (int)cluster_count_x()) {

@@ -27,6 +27,9 @@ pub struct Sm90Config {
     pub cluster: u32,
     /// m-tiles per raster band.
     pub band: u32,
+    /// L2 eviction hints: activations `evict_last` (re-read across n-tiles), weights
+    /// `evict_first` (streamed).
+    pub l2_hint: bool,
 }
 
 /// Rows per tile (fixed: two m64 wgmma blocks).
@@ -44,6 +47,7 @@ impl Sm90Config {
         stages: 4,
         cluster: 1,
         band: 16,
+        l2_hint: false,
     };
     /// 128x256 cooperative, 4 stages, 2-CTA clusters with weight-tile multicast.
     pub const COOP_256_C2: Sm90Config = Sm90Config {
@@ -57,6 +61,7 @@ impl Sm90Config {
         stages: 6,
         cluster: 1,
         band: 16,
+        l2_hint: false,
     };
     /// 128x128 cooperative, 6 stages.
     pub const COOP_128: Sm90Config = Sm90Config {
@@ -65,6 +70,7 @@ impl Sm90Config {
         stages: 6,
         cluster: 1,
         band: 16,
+        l2_hint: false,
     };
 
     /// The named configurations (benchmarks, tests).
@@ -157,6 +163,7 @@ impl Sm90Config {
         put("SM90_OUT_F16", usize::from(f16_out));
         put("SM90_BAND", self.band as usize);
         put("SM90_CLUSTER", self.cluster as usize);
+        put("SM90_L2HINT", usize::from(self.l2_hint));
         put("SM90_SMEM_ONE_EXPERT", self.smem_bytes(1));
         d
     }
@@ -237,6 +244,7 @@ mod tests {
             "SM90_OUT_F16",
             "SM90_BAND",
             "SM90_CLUSTER",
+            "SM90_L2HINT",
             "SM90_SMEM_ONE_EXPERT",
         ] {
             assert!(d.contains_key(k), "{k}");

@@ -300,11 +300,35 @@ fn forward_every_config() {
     if !hopper(&gpu) {
         return;
     }
-    for (i, (name, cfg)) in Sm90Config::ALL.iter().enumerate() {
+    let hinted = [
+        (
+            "c2coop256+hint",
+            Sm90Config {
+                l2_hint: true,
+                ..Sm90Config::COOP_256_C2
+            },
+        ),
+        (
+            "coop256+hint",
+            Sm90Config {
+                l2_hint: true,
+                ..Sm90Config::COOP_256
+            },
+        ),
+    ];
+    for (i, (name, cfg)) in Sm90Config::ALL.iter().chain(hinted.iter()).enumerate() {
         let c = Case::fwd(&RAGGED, 520, 1000).with(|c| c.config = *cfg);
         let e = check(&gpu, &c, 100 + i as u64);
         eprintln!("forward {name}: rel L2 {e:.2e}");
     }
+    let w = Case::fwd(&[0, 3, 200, 129, 0], 200, 264).with(|c| {
+        c.kind = GemmKind::Wgrad;
+        c.config = Sm90Config {
+            l2_hint: true,
+            ..Sm90Config::COOP_256
+        };
+    });
+    check(&gpu, &w, 99);
 }
 
 #[test]
@@ -446,6 +470,12 @@ fn nvrtc_compiles_every_specialisation() {
     }
     let d = Sm90Config::COOP_256_C2.defines(GemmKind::Forward, Epilogue::None, true, true);
     cache.cubin(&program(), &d, Arch::SM90).expect("f16");
+    let hinted = Sm90Config {
+        l2_hint: true,
+        ..Sm90Config::COOP_256_C2
+    };
+    let d = hinted.defines(GemmKind::Dgrad, Epilogue::None, false, false);
+    cache.cubin(&program(), &d, Arch::SM90).expect("l2 hint");
     assert_eq!(
         n, 19,
         "specialisations: 4 configs x 5 (kind, epilogue) minus clustered wgrad"
