@@ -28,7 +28,8 @@ start=$SECONDS
 pids=()
 for t in "$here"/bin/test-*; do
   n=$(basename "$t")
-  ( timeout "$T_TESTS" "$t" --include-ignored --test-threads=1 > "$out/$n.tmp" 2>&1; echo "rc=$?" >> "$out/$n.tmp" ) &
+  # The lib's sm90 module (the Hopper engine) has its own bundle and runs.
+  ( timeout "$T_TESTS" "$t" --include-ignored --test-threads=1 --skip sm90:: > "$out/$n.tmp" 2>&1; echo "rc=$?" >> "$out/$n.tmp" ) &
   pids+=($!)
 done
 (
