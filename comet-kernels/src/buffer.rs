@@ -178,9 +178,12 @@ enum Storage {
 }
 
 /// A typed, shaped, row-major tensor in device memory.
+///
+/// [`DeviceTensor::view`] and [`DeviceTensor::rows`] make further tensors over part of the
+/// same allocation (they share it: the memory is freed when the last of them is dropped).
 #[derive(Debug)]
 pub struct DeviceTensor {
-    storage: Storage,
+    storage: Arc<Storage>,
     ptr: CUdeviceptr,
     dtype: DType,
     shape: Vec<usize>,
@@ -201,7 +204,7 @@ impl DeviceTensor {
             p
         };
         Ok(DeviceTensor {
-            storage: Storage::Pool(slice),
+            storage: Arc::new(Storage::Pool(slice)),
             ptr,
             dtype,
             shape: shape.to_vec(),
@@ -217,7 +220,7 @@ impl DeviceTensor {
         let raw = RawDeviceBuffer::new(gpu.context(), bytes)?;
         let ptr = raw.device_ptr();
         Ok(DeviceTensor {
-            storage: Storage::Raw(raw),
+            storage: Arc::new(Storage::Raw(raw)),
             ptr,
             dtype,
             shape: shape.to_vec(),
@@ -238,7 +241,7 @@ impl DeviceTensor {
         let ptr = raw.device_ptr();
         let ordinal = raw.context().ordinal();
         Ok(DeviceTensor {
-            storage: Storage::Raw(raw),
+            storage: Arc::new(Storage::Raw(raw)),
             ptr,
             dtype,
             shape: shape.to_vec(),
@@ -286,14 +289,76 @@ impl DeviceTensor {
     }
     /// Whether the memory is `cuMemAlloc_v2` memory (peer-safe).
     pub fn is_raw(&self) -> bool {
-        matches!(self.storage, Storage::Raw(_))
+        matches!(*self.storage, Storage::Raw(_))
     }
     /// The raw buffer behind the tensor, when it is `cuMemAlloc_v2` memory.
     pub fn raw_buffer(&self) -> Option<&RawDeviceBuffer> {
-        match &self.storage {
+        match &*self.storage {
             Storage::Raw(r) => Some(r),
             Storage::Pool(_) => None,
         }
+    }
+
+    /// A tensor of `dtype`-sized elements and `shape` over this tensor's memory, starting
+    /// `offset` elements (of this tensor's dtype) in. It shares the allocation (which stays
+    /// alive while any view of it does); writes through either are seen by both, in stream
+    /// order. The range must lie inside this tensor and start 4-byte aligned.
+    pub fn view(&self, offset: usize, dtype: DType, shape: &[usize]) -> Result<DeviceTensor> {
+        let start = offset
+            .checked_mul(self.dtype.size())
+            .ok_or_else(|| Error::limit("view offset", offset, "overflow"))?;
+        let bytes = numel(shape)?
+            .checked_mul(dtype.size())
+            .ok_or_else(|| Error::limit("view bytes", usize::MAX, "overflow"))?;
+        let end = start
+            .checked_add(bytes)
+            .ok_or_else(|| Error::limit("view end", usize::MAX, "overflow"))?;
+        if end > self.bytes() {
+            return Err(Error::limit(
+                "view end byte",
+                end,
+                format!(
+                    "{} bytes in the tensor {:?} {}",
+                    self.bytes(),
+                    self.shape,
+                    self.dtype
+                ),
+            ));
+        }
+        if start % 4 != 0 {
+            return Err(Error::Alignment {
+                what: "view start byte".into(),
+                value: start,
+                multiple: 4,
+                why: "element accesses of 32-bit kernels",
+            });
+        }
+        Ok(DeviceTensor {
+            storage: self.storage.clone(),
+            ptr: self.ptr + start as u64,
+            dtype,
+            shape: shape.to_vec(),
+            ordinal: self.ordinal,
+        })
+    }
+
+    /// Rows `start .. start + count` (along the first axis) as a tensor sharing this one's
+    /// memory (see [`DeviceTensor::view`]).
+    pub fn rows(&self, start: usize, count: usize) -> Result<DeviceTensor> {
+        let Some((&rows, rest)) = self.shape.split_first() else {
+            return Err(Error::shape("rows of a scalar", &self.shape, "rank >= 1"));
+        };
+        if start.checked_add(count).is_none_or(|end| end > rows) {
+            return Err(Error::limit(
+                "row range end",
+                start.saturating_add(count),
+                format!("{rows} rows"),
+            ));
+        }
+        let row_elems = numel(rest)?;
+        let mut shape = vec![count];
+        shape.extend_from_slice(rest);
+        self.view(start * row_elems, self.dtype, &shape)
     }
 
     /// Changes the shape (same number of elements).
