@@ -6,7 +6,7 @@
 //! - [`sources`]: the embedded `.cu`/`.cuh` sources (the tile engine header is public so
 //!   fused kernels elsewhere can include it).
 //! - [`device`], [`buffer`]: device handle, typed device tensors, raw `cuMemAlloc` buffers.
-//! - [`router`], [`routing`], [`rows`], [`gemm`], [`activation`]: the kernels.
+//! - [`router`], [`routing`], [`rows`], [`gemm`], [`activation`], [`layer_ops`]: the kernels.
 //! - [`forward`]: a single-GPU MoE forward composed from them.
 //!
 //! Nothing here loads a CUDA library until a [`Gpu`] is opened or a kernel is compiled, so
@@ -22,6 +22,7 @@ pub mod error;
 pub mod forward;
 pub mod gemm;
 pub mod init;
+pub mod layer_ops;
 pub mod router;
 pub mod routing;
 pub mod rows;
