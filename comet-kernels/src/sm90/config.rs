@@ -168,12 +168,23 @@ impl Sm90Config {
         d
     }
 
-    /// The configuration for a problem, from the H200 measurements in
-    /// `bench/results/2026-11-29-hopper-gemm-h200.json`.
-    pub fn choose(kind: GemmKind, _epilogue: Epilogue, _groups: usize, _rows: usize) -> Self {
+    /// The configuration for a problem with `rows` row-operand rows over `groups` experts,
+    /// from the H200 measurements in `bench/results/2026-11-29-hopper-gemm-h200.json`:
+    /// forward/dgrad on 2-CTA clusters (best or within 6% of the best variant on all 20
+    /// preset forward/dgrad GEMMs), with L2 eviction hints when an expert averages at most 384
+    /// rows (weights streamed: +2–6% at 256 rows/expert, up to −14% at 1024); wgrad on single
+    /// CTAs with hints (best or within 4% on all 8).
+    pub fn choose(kind: GemmKind, _epilogue: Epilogue, groups: usize, rows: usize) -> Self {
+        let streamed_weights = rows / groups.max(1) <= 384;
         match kind {
-            GemmKind::Forward | GemmKind::Dgrad => Sm90Config::COOP_256_C2,
-            GemmKind::Wgrad => Sm90Config::COOP_256,
+            GemmKind::Forward | GemmKind::Dgrad => Sm90Config {
+                l2_hint: streamed_weights,
+                ..Sm90Config::COOP_256_C2
+            },
+            GemmKind::Wgrad => Sm90Config {
+                l2_hint: true,
+                ..Sm90Config::COOP_256
+            },
         }
     }
 }
@@ -257,8 +268,17 @@ mod tests {
     #[test]
     fn choice_is_valid_for_its_problem() {
         for kind in [GemmKind::Forward, GemmKind::Dgrad, GemmKind::Wgrad] {
-            let c = Sm90Config::choose(kind, Epilogue::None, 64, 32768);
-            c.validate(kind, Epilogue::None).unwrap();
+            for (groups, rows) in [(8, 16384), (64, 32768), (16, 16384), (256, 65536), (1, 7)] {
+                let c = Sm90Config::choose(kind, Epilogue::None, groups, rows);
+                c.validate(kind, Epilogue::None).unwrap();
+            }
         }
+        // Measured choices: Mixtral-like (2048 rows/expert) no hints, DeepSeek-like (256) hints.
+        let mixtral = Sm90Config::choose(GemmKind::Forward, Epilogue::SwiGlu, 8, 16384);
+        assert_eq!((mixtral.cluster, mixtral.l2_hint), (2, false));
+        let deepseek = Sm90Config::choose(GemmKind::Dgrad, Epilogue::None, 256, 65536);
+        assert_eq!((deepseek.cluster, deepseek.l2_hint), (2, true));
+        let wgrad = Sm90Config::choose(GemmKind::Wgrad, Epilogue::None, 8, 16384);
+        assert_eq!((wgrad.cluster, wgrad.l2_hint), (1, true));
     }
 }
