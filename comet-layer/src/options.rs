@@ -1,0 +1,296 @@
+//! How a layer runs: the [`Strategy`], the GEMM engine and the buffer capacity
+//! ([`LayerOptions`]).
+
+use std::fmt;
+use std::str::FromStr;
+
+use crate::error::{Error, Result};
+
+/// Chunks of [`Strategy::Pipelined`] when a string says just `pipelined`.
+pub const DEFAULT_CHUNKS: usize = 4;
+
+/// How communication and computation are ordered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Strategy {
+    /// Routing, dispatch (NCCL all-to-all-v), expert GEMMs, combine (all-to-all-v back), one
+    /// after another on one stream: the Megatron-style reference point.
+    Sequential,
+    /// Tokens split into `chunks` chunks; while chunk `i`'s experts run on the compute
+    /// stream, chunk `i + 1`'s dispatch and chunk `i − 1`'s combine run on a communication
+    /// stream (events between them): the Tutel/FasterMoE-style coarse-grained overlap.
+    Pipelined {
+        /// Number of token chunks (≥ 1, ≤ the tokens of every call).
+        chunks: usize,
+    },
+}
+
+impl Strategy {
+    /// Token chunks: 1 for [`Strategy::Sequential`].
+    pub fn chunks(&self) -> usize {
+        match self {
+            Strategy::Sequential => 1,
+            Strategy::Pipelined { chunks } => *chunks,
+        }
+    }
+
+    /// The name used in reports: `sequential` or `pipelined`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Strategy::Sequential => "sequential",
+            Strategy::Pipelined { .. } => "pipelined",
+        }
+    }
+
+    /// Checks the strategy on its own (chunks ≥ 1).
+    pub fn validate(&self) -> Result<()> {
+        if self.chunks() == 0 {
+            return Err(Error::ZeroChunks);
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for Strategy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Strategy::Sequential => f.write_str("sequential"),
+            Strategy::Pipelined { chunks } => write!(f, "pipelined:{chunks}"),
+        }
+    }
+}
+
+impl FromStr for Strategy {
+    type Err = Error;
+
+    /// `sequential`, `pipelined` ([`DEFAULT_CHUNKS`] chunks) or `pipelined:N` (also `-N`).
+    fn from_str(s: &str) -> Result<Self> {
+        let t = s.trim().to_ascii_lowercase();
+        let bad = || Error::ParseStrategy {
+            value: s.to_string(),
+        };
+        if t == "sequential" || t == "seq" {
+            return Ok(Strategy::Sequential);
+        }
+        if t == "pipelined" {
+            return Ok(Strategy::Pipelined {
+                chunks: DEFAULT_CHUNKS,
+            });
+        }
+        let rest = t
+            .strip_prefix("pipelined:")
+            .or_else(|| t.strip_prefix("pipelined-"))
+            .ok_or_else(bad)?;
+        let chunks: usize = rest.parse().map_err(|_| bad())?;
+        if chunks == 0 {
+            return Err(Error::ZeroChunks);
+        }
+        Ok(Strategy::Pipelined { chunks })
+    }
+}
+
+/// Which grouped-GEMM engine runs the expert GEMMs (forward and data gradients).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum GemmEngine {
+    /// The Hopper engine (TMA + wgmma) where the device is sm_90 and the problem fits it,
+    /// else the portable `mma.sync` engine.
+    #[default]
+    Auto,
+    /// Always the portable `mma.sync` engine.
+    MmaSync,
+    /// Always the Hopper engine (an error on other devices or unsupported shapes).
+    Sm90,
+}
+
+impl GemmEngine {
+    /// The environment variable [`LayerOptions::default`] reads (`auto`, `mma`, `sm90`).
+    pub const ENV: &'static str = "COMET_GEMM_ENGINE";
+
+    /// The engine `COMET_GEMM_ENGINE` names, or [`GemmEngine::Auto`] when it is unset.
+    pub fn from_env() -> Result<Self> {
+        match std::env::var(Self::ENV) {
+            Ok(v) => v.parse(),
+            Err(_) => Ok(GemmEngine::Auto),
+        }
+    }
+
+    /// Short name.
+    pub fn name(&self) -> &'static str {
+        match self {
+            GemmEngine::Auto => "auto",
+            GemmEngine::MmaSync => "mma",
+            GemmEngine::Sm90 => "sm90",
+        }
+    }
+}
+
+impl fmt::Display for GemmEngine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for GemmEngine {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" | "" => Ok(GemmEngine::Auto),
+            "mma" | "mma.sync" | "mma_sync" | "mmasync" => Ok(GemmEngine::MmaSync),
+            "sm90" | "hopper" | "wgmma" => Ok(GemmEngine::Sm90),
+            _ => Err(Error::ParseEngine {
+                value: s.to_string(),
+            }),
+        }
+    }
+}
+
+/// Options of [`crate::MoeLayer::new`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerOptions {
+    /// The strategy.
+    pub strategy: Strategy,
+    /// Most tokens any rank passes to one call: every device buffer is sized for it at
+    /// construction (receive buffers for the worst case `W · max_tokens · min(k, L)` rows), so
+    /// calls allocate nothing. Every rank must use the same value.
+    pub max_tokens: usize,
+    /// Keep what backward needs (a copy of `x`, the pre-activation) and allocate the backward
+    /// buffers and the gradients. `false` gives an inference layer (`backward` is an error).
+    pub training: bool,
+    /// GEMM engine of the expert GEMMs.
+    pub engine: GemmEngine,
+}
+
+impl LayerOptions {
+    /// Options with `strategy` and capacity `max_tokens`, training on, engine from
+    /// `COMET_GEMM_ENGINE` (default auto; an unparsable value is reported by
+    /// [`crate::MoeLayer::new`]).
+    pub fn new(strategy: Strategy, max_tokens: usize) -> Self {
+        LayerOptions {
+            strategy,
+            max_tokens,
+            training: true,
+            engine: GemmEngine::from_env().unwrap_or(GemmEngine::Auto),
+        }
+    }
+
+    /// The same options with another engine.
+    pub fn engine(mut self, engine: GemmEngine) -> Self {
+        self.engine = engine;
+        self
+    }
+
+    /// The same options with training on or off.
+    pub fn training(mut self, on: bool) -> Self {
+        self.training = on;
+        self
+    }
+
+    /// Checks the options on their own.
+    pub fn validate(&self) -> Result<()> {
+        self.strategy.validate()?;
+        if self.max_tokens == 0 {
+            return Err(Error::ZeroTokens { what: "max_tokens" });
+        }
+        if self.strategy.chunks() > self.max_tokens {
+            return Err(Error::TooManyChunks {
+                chunks: self.strategy.chunks(),
+                tokens: self.max_tokens,
+            });
+        }
+        if std::env::var(GemmEngine::ENV).is_ok() {
+            GemmEngine::from_env()?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strategies_parse_and_print() {
+        assert_eq!(
+            "sequential".parse::<Strategy>().unwrap(),
+            Strategy::Sequential
+        );
+        assert_eq!(
+            " Sequential ".parse::<Strategy>().unwrap(),
+            Strategy::Sequential
+        );
+        assert_eq!(
+            "pipelined".parse::<Strategy>().unwrap(),
+            Strategy::Pipelined {
+                chunks: DEFAULT_CHUNKS
+            }
+        );
+        assert_eq!(
+            "pipelined:3".parse::<Strategy>().unwrap(),
+            Strategy::Pipelined { chunks: 3 }
+        );
+        assert_eq!(
+            "pipelined-8".parse::<Strategy>().unwrap(),
+            Strategy::Pipelined { chunks: 8 }
+        );
+        for s in [Strategy::Sequential, Strategy::Pipelined { chunks: 5 }] {
+            assert_eq!(s.to_string().parse::<Strategy>().unwrap(), s);
+        }
+        assert!(matches!(
+            "pipelined:0".parse::<Strategy>(),
+            Err(Error::ZeroChunks)
+        ));
+        for bad in ["comet", "pipelined:x", "pipelined:", "pipe:2", ""] {
+            let e = bad.parse::<Strategy>().unwrap_err();
+            assert!(
+                matches!(&e, Error::ParseStrategy { value } if value == bad),
+                "{bad}: {e}"
+            );
+        }
+        assert_eq!(Strategy::Sequential.chunks(), 1);
+        assert_eq!(Strategy::Pipelined { chunks: 4 }.name(), "pipelined");
+    }
+
+    #[test]
+    fn engines_parse() {
+        assert_eq!("auto".parse::<GemmEngine>().unwrap(), GemmEngine::Auto);
+        assert_eq!("MMA".parse::<GemmEngine>().unwrap(), GemmEngine::MmaSync);
+        assert_eq!("sm90".parse::<GemmEngine>().unwrap(), GemmEngine::Sm90);
+        let e = "tensorcore".parse::<GemmEngine>().unwrap_err();
+        assert!(e.to_string().contains("tensorcore"), "{e}");
+        for g in [GemmEngine::Auto, GemmEngine::MmaSync, GemmEngine::Sm90] {
+            assert_eq!(g.name().parse::<GemmEngine>().unwrap(), g);
+        }
+    }
+
+    #[test]
+    fn options_are_validated() {
+        let ok = LayerOptions::new(Strategy::Pipelined { chunks: 4 }, 16).engine(GemmEngine::Auto);
+        assert!(ok.training);
+        ok.validate().unwrap();
+        assert!(matches!(
+            LayerOptions::new(Strategy::Sequential, 0).validate(),
+            Err(Error::ZeroTokens { what: "max_tokens" })
+        ));
+        assert!(matches!(
+            LayerOptions::new(Strategy::Pipelined { chunks: 0 }, 8).validate(),
+            Err(Error::ZeroChunks)
+        ));
+        let e = LayerOptions::new(Strategy::Pipelined { chunks: 9 }, 8)
+            .validate()
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::TooManyChunks {
+                    chunks: 9,
+                    tokens: 8
+                }
+            ),
+            "{e}"
+        );
+        assert!(
+            !LayerOptions::new(Strategy::Sequential, 4)
+                .training(false)
+                .training
+        );
+    }
+}
