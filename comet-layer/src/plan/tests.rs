@@ -4,6 +4,8 @@
 //! the host with W ranks: every row must reach the expert its slot names, in comet-core's
 //! receive layout, and come back to its slot.
 
+#![allow(clippy::needless_range_loop)] // rank-indexed simulation reads clearer with indices
+
 use super::*;
 use comet_core::routing::RoutingPlan;
 use ndarray::Array2;
