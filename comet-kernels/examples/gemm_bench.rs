@@ -19,6 +19,7 @@ use comet_kernels::Gpu;
 use comet_kernels::buffer::{DType, DeviceTensor};
 use comet_kernels::gemm::{self, Epilogue, GemmArgs, GemmDesc, GemmKind, Meta, TileShape};
 use comet_kernels::init::fill_uniform;
+use comet_kernels::{router, routing::RoutingPlan, rows};
 use cudarc::cublas::{CudaBlas, sys as cublas_sys};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
@@ -178,6 +179,7 @@ fn main() -> Res<()> {
     };
     let gemms: Vec<&str> = args.gemms.split(',').collect();
     let mut rows_json: Vec<Value> = Vec::new();
+    let mut aux_json: Vec<Value> = Vec::new();
     let mut table: Vec<String> = Vec::new();
     let mut reports: Vec<Value> = Vec::new();
 
@@ -395,6 +397,73 @@ fn main() -> Res<()> {
                 ));
             }
         }
+        // The other kernels of a single-GPU forward at this size (router, plan, dispatch,
+        // combine), for the layer's phase budget.
+        {
+            let m = args.tokens;
+            let x = filled(&gpu, DType::BF16, &[m, h], seed + 40, 1.0)?;
+            let wr = filled(
+                &gpu,
+                DType::BF16,
+                &[e, h],
+                seed + 41,
+                4.0 / (h as f64).sqrt(),
+            )?;
+            let mut logits = DeviceTensor::alloc(&gpu, DType::F32, &[m, e])?;
+            let mut probs = DeviceTensor::alloc(&gpu, DType::F32, &[m, e])?;
+            let mut ids = DeviceTensor::alloc(&gpu, DType::I32, &[m, k])?;
+            let mut wts = DeviceTensor::alloc(&gpu, DType::F32, &[m, k])?;
+            let mut plan = RoutingPlan::new(&gpu, m, k, e, 1, 0)?;
+            let mut xr = DeviceTensor::alloc(&gpu, DType::BF16, &[rows, h])?;
+            let mut y = DeviceTensor::alloc(&gpu, DType::BF16, &[m, h])?;
+            let t_logits = time_ms(&gpu, args.warmup, args.iters, |_| {
+                Ok(router::router_logits(&gpu, &x, &wr, &mut logits)?)
+            })?;
+            let t_topk = time_ms(&gpu, args.warmup, args.iters, |_| {
+                Ok(router::softmax_topk(
+                    &gpu,
+                    &logits,
+                    k,
+                    cfg.renormalize(),
+                    Some(&mut probs),
+                    &mut ids,
+                    &mut wts,
+                )?)
+            })?;
+            let t_plan = time_ms(&gpu, args.warmup, args.iters, |_| {
+                Ok(plan.build_local(&gpu, &ids)?)
+            })?;
+            let t_perm = time_ms(&gpu, args.warmup, args.iters, |_| {
+                Ok(rows::permute_rows(
+                    &gpu,
+                    &x,
+                    &plan.scatter_row,
+                    None,
+                    &mut xr,
+                )?)
+            })?;
+            let t_comb = time_ms(&gpu, args.warmup, args.iters, |_| {
+                Ok(rows::combine_rows(
+                    &gpu,
+                    &xr,
+                    &plan.scatter_row,
+                    Some(&wts),
+                    &mut y,
+                )?)
+            })?;
+            let gbs = |bytes: f64, ms: f64| bytes / (ms * 1e-3) / 1e9;
+            let bytes_perm = 2.0 * (m * h + rows * h) as f64;
+            eprintln!(
+                "  router logits {t_logits:.3} ms, softmax+top-k {t_topk:.3} ms, plan {t_plan:.3} ms, permute {t_perm:.3} ms ({:.0} GB/s), combine {t_comb:.3} ms ({:.0} GB/s)",
+                gbs(bytes_perm, t_perm),
+                gbs(bytes_perm, t_comb)
+            );
+            aux_json.push(json!({
+                "preset": preset.name(), "tokens": m, "router_logits_ms": t_logits, "softmax_topk_ms": t_topk,
+                "routing_plan_ms": t_plan, "permute_ms": t_perm, "permute_gbs": gbs(bytes_perm, t_perm),
+                "combine_ms": t_comb, "combine_gbs": gbs(bytes_perm, t_comb),
+            }));
+        }
         gpu.synchronize()?;
     }
 
@@ -422,6 +491,7 @@ fn main() -> Res<()> {
         "seed": seed,
         "cublas_dense_8192_tflops": dense_tflops,
         "results": rows_json,
+        "other_kernels": aux_json,
         "kernels": reports,
         "table": table,
     });

@@ -33,8 +33,8 @@ for line in sys.stdin:
         shutil.copy(m["executable"], dst)
         print("bundled", dst)
 ' "$out"
-cargo build --release -p comet-kernels --example gemm_bench
-cp target/release/examples/gemm_bench "$out/bin/gemm_bench"
+cargo build --release -p comet-kernels --example gemm_bench --example sanitizer_canary
+cp target/release/examples/gemm_bench target/release/examples/sanitizer_canary "$out/bin/"
 
 # Warm the cubin cache with the same include path and NVRTC the GPU host uses.
 env -u CUDA_HOME -u CUDA_PATH LD_LIBRARY_PATH=/usr/local/cuda/lib COMET_CACHE_DIR="$out/cache" \

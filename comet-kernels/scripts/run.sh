@@ -18,8 +18,8 @@ nvidia-smi --query-gpu=index,name,driver_version,memory.total,clocks.sm,clocks.m
 ngpu=$(nvidia-smi -L 2>/dev/null | wc -l)
 san_dev=0; [ "$ngpu" -ge 2 ] && san_dev=1
 sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
-T_TESTS=${T_TESTS:-170}
-T_BENCH=${T_BENCH:-100}
+T_TESTS=${T_TESTS:-160}
+T_BENCH=${T_BENCH:-90}
 
 start=$SECONDS
 # Phase 1: the three GPU test binaries in parallel (each --test-threads=1) on GPU 0, and the
@@ -29,20 +29,25 @@ pids=()
 for t in "$here"/bin/test-*; do
   n=$(basename "$t")
   # The lib's sm90 module (the Hopper engine) has its own bundle and runs.
-  ( timeout "$T_TESTS" "$t" --include-ignored --test-threads=1 --skip sm90:: > "$out/$n.tmp" 2>&1; echo "rc=$?" >> "$out/$n.tmp" ) &
+  ( timeout "$T_TESTS" "$t" --include-ignored --test-threads=1 --nocapture --skip sm90:: > "$out/$n.tmp" 2>&1; echo "rc=$?" >> "$out/$n.tmp" ) &
   pids+=($!)
 done
+# The sanitizer block as a whole is bounded by T_TESTS too (killed at the deadline).
+san_end=$((SECONDS + T_TESTS))
+san() { local left=$((san_end - SECONDS)); [ "$left" -gt 5 ] || { echo "(skipped: no time left)"; return; }; timeout "$left" "$sanitizer" "$@"; echo "rc=$?"; }
 (
   export CUDA_VISIBLE_DEVICES=$san_dev
   {
+    echo "== memcheck canary (a deliberate out-of-bounds write: must be reported)"
+    san --tool memcheck --error-exitcode 9 "$here/bin/sanitizer_canary"
     echo "== memcheck test-gpu_kernels (all)"
-    timeout "$T_TESTS" "$sanitizer" --tool memcheck --leak-check no --error-exitcode 9 "$here/bin/test-gpu_kernels" --include-ignored --test-threads=1 ; echo "rc=$?"
+    san --tool memcheck --leak-check no --error-exitcode 9 "$here/bin/test-gpu_kernels" --include-ignored --test-threads=1
     echo "== memcheck test-gpu_gemm small/edge tests"
-    timeout "$T_TESTS" "$sanitizer" --tool memcheck --error-exitcode 9 "$here/bin/test-gpu_gemm" --include-ignored --test-threads=1 small_layouts tile_list bad_device_offsets single_group_without ; echo "rc=$?"
-    echo "== memcheck test-gpu_forward repeated_calls"
-    timeout "$T_TESTS" "$sanitizer" --tool memcheck --error-exitcode 9 "$here/bin/test-gpu_forward" --include-ignored --test-threads=1 repeated_calls ; echo "rc=$?"
+    san --tool memcheck --error-exitcode 9 "$here/bin/test-gpu_gemm" --include-ignored --test-threads=1 small_layouts tile_list bad_device_offsets single_group_without
     echo "== racecheck test-gpu_gemm small_layouts"
-    timeout "$T_TESTS" "$sanitizer" --tool racecheck --error-exitcode 9 "$here/bin/test-gpu_gemm" --include-ignored --test-threads=1 small_layouts ; echo "rc=$?"
+    san --tool racecheck --error-exitcode 9 "$here/bin/test-gpu_gemm" --include-ignored --test-threads=1 small_layouts
+    echo "== memcheck test-gpu_forward repeated_calls"
+    san --tool memcheck --error-exitcode 9 "$here/bin/test-gpu_forward" --include-ignored --test-threads=1 repeated_calls
   } > "$out/sanitizer.log" 2>&1
 ) &
 san_pid=$!

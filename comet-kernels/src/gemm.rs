@@ -119,12 +119,35 @@ impl TileShape {
         min_blocks: 2,
     };
 
+    /// 128x256x64, 8 warps (64x64 warp tiles), 4 stages, 1 block/SM.
+    pub const T128X256_S4: TileShape = TileShape {
+        bm: 128,
+        bn: 256,
+        bk: 64,
+        warps_m: 2,
+        warps_n: 4,
+        stages: 4,
+        min_blocks: 1,
+    };
+    /// 256x128x64, 8 warps (64x64 warp tiles), 3 stages, 1 block/SM.
+    pub const T256X128: TileShape = TileShape {
+        bm: 256,
+        bn: 128,
+        bk: 64,
+        warps_m: 4,
+        warps_n: 2,
+        stages: 3,
+        min_blocks: 1,
+    };
+
     /// The named shapes, for benchmarks and tests.
-    pub const ALL: [(&'static str, TileShape); 4] = [
+    pub const ALL: [(&'static str, TileShape); 6] = [
         ("128x128w4s3", TileShape::T128X128),
         ("128x256w8s3", TileShape::T128X256),
         ("128x128w8s4", TileShape::T128X128_W8),
         ("64x128w4s4", TileShape::T64X128),
+        ("128x256w8s4", TileShape::T128X256_S4),
+        ("256x128w8s3", TileShape::T256X128),
     ];
 
     /// Threads per block.
@@ -173,9 +196,25 @@ impl TileShape {
         Ok(())
     }
 
-    /// The default shape for a problem (tuned on H200; see bench/results).
-    pub fn choose(_kind: GemmKind, _epilogue: Epilogue, _rows_per_group: usize) -> TileShape {
-        TileShape::T128X128
+    /// The default shape for a problem with `out_cols` output columns (before SwiGLU halves
+    /// them) on a device allowing `smem_optin` bytes of shared memory per block.
+    ///
+    /// From the H200 run of `gemm_bench` (bench/results/2026-11-29-gemm-h200.json): 128x256
+    /// tiles were fastest on 13 of the 16 preset GEMMs (Mixtral/Phi/DeepSeek, 276-373
+    /// TFLOP/s); for outputs narrower than 2048 columns (Qwen2-MoE's dgrad/wgrad) 128x128 tiles
+    /// with 2 blocks per SM won. Devices without room for 128x256 (sm_86/89: 99 KB) get 128x128.
+    pub fn choose(
+        _kind: GemmKind,
+        _epilogue: Epilogue,
+        out_cols: usize,
+        smem_optin: u32,
+    ) -> TileShape {
+        let big = TileShape::T128X256;
+        if out_cols >= 2048 && big.smem_bytes() <= smem_optin {
+            big
+        } else {
+            TileShape::T128X128
+        }
     }
 }
 
@@ -675,8 +714,13 @@ impl<'a> GemmArgs<'a> {
         self
     }
 
-    fn desc(&self) -> GemmDesc {
-        let rows = self.a.shape().first().copied().unwrap_or(0);
+    fn desc(&self, smem_optin: u32) -> GemmDesc {
+        let out_cols = self.c.shape().last().copied().unwrap_or(0);
+        let out_cols = if self.epilogue == Epilogue::SwiGlu {
+            2 * out_cols
+        } else {
+            out_cols
+        };
         GemmDesc {
             kind: self.kind,
             a: Meta::of(self.a),
@@ -689,9 +733,9 @@ impl<'a> GemmArgs<'a> {
             tile_list_len: self
                 .tile_list
                 .map(|l| l.tiles.shape().first().copied().unwrap_or(0)),
-            tile: self
-                .tile
-                .unwrap_or_else(|| TileShape::choose(self.kind, self.epilogue, rows)),
+            tile: self.tile.unwrap_or_else(|| {
+                TileShape::choose(self.kind, self.epilogue, out_cols, smem_optin)
+            }),
         }
     }
 }
@@ -715,7 +759,7 @@ fn kernel(gpu: &Gpu, plan: &GemmPlan) -> Result<CudaFunction> {
 
 /// Runs a grouped GEMM on `gpu`'s stream (asynchronous; no host synchronisation).
 pub fn grouped_gemm(gpu: &Gpu, args: GemmArgs<'_>) -> Result<()> {
-    let desc = args.desc();
+    let desc = args.desc(gpu.smem_optin());
     let plan = plan(&desc)?;
     for (what, t) in [
         ("A", Some(args.a)),
@@ -865,12 +909,36 @@ mod tests {
         assert_eq!(TileShape::T128X256.smem_bytes(), 147456);
         assert_eq!(TileShape::T128X128_W8.smem_bytes(), 131072);
         assert_eq!(TileShape::T64X128.smem_bytes(), 98304);
+        assert_eq!(TileShape::T128X256_S4.smem_bytes(), 196608);
+        assert_eq!(TileShape::T256X128.smem_bytes(), 147456);
         for (_, t) in TileShape::ALL {
             for k in [GemmKind::Forward, GemmKind::Dgrad, GemmKind::Wgrad] {
                 t.validate(k).unwrap();
             }
             assert!(t.smem_bytes() <= 227 * 1024);
         }
+    }
+
+    #[test]
+    fn default_tile_follows_the_h200_measurements() {
+        let h200 = 227 * 1024;
+        assert_eq!(
+            TileShape::choose(GemmKind::Forward, Epilogue::SwiGlu, 28672, h200),
+            TileShape::T128X256
+        );
+        assert_eq!(
+            TileShape::choose(GemmKind::Dgrad, Epilogue::None, 1408, h200),
+            TileShape::T128X128
+        );
+        assert_eq!(
+            TileShape::choose(GemmKind::Wgrad, Epilogue::None, 2048, h200),
+            TileShape::T128X256
+        );
+        // sm_86/89 allow 99 KB per block: the 144 KB shape does not fit.
+        assert_eq!(
+            TileShape::choose(GemmKind::Forward, Epilogue::None, 4096, 99 * 1024),
+            TileShape::T128X128
+        );
     }
 
     #[test]

@@ -213,6 +213,29 @@ fn check_with_layer(gpu: &Gpu, layer: &mut MoeForward, m: usize, routing: Routin
         (started.elapsed() - gpu_done).as_secs_f64()
     );
     check_close(&format!("{tag}: y"), &y, &want, 1e-2);
+    if let Some(h_d) = layer.preactivation() {
+        // Kept pre-activation, in receive (expert-sorted) order: row scatter_row[t·k + j] holds
+        // the reference's slot (t, j).
+        let hv = download(&gpu, h_d);
+        let scatter = layer
+            .plan()
+            .unwrap()
+            .scatter_row
+            .to_host::<i32>(&gpu)
+            .unwrap();
+        let mut got = Vec::with_capacity(m * k * n0);
+        for slot in 0..m * k {
+            let r = scatter[slot] as usize;
+            got.extend_from_slice(&hv[r * n0..(r + 1) * n0]);
+        }
+        let want_h: Vec<f64> = reference.h.iter().map(|&v| f64::from(v)).collect();
+        check_close(
+            &format!("{tag}: kept pre-activation h"),
+            &got,
+            &want_h,
+            1e-2,
+        );
+    }
 }
 
 #[test]
@@ -298,7 +321,15 @@ fn gelu_f16_and_wide_shapes() {
         .with_activation(Activation::Gelu)
         .with_dtype(comet_core::DType::F16)
         .with_renormalize(true);
-    check_layer(cfg, 130, Routing::Router, "gelu f16 H=2560 F=1408");
+    let gpu = gpu();
+    let mut layer = build_layer(&gpu, cfg, "gelu f16").keep_preactivation(true);
+    check_with_layer(
+        &gpu,
+        &mut layer,
+        130,
+        Routing::Router,
+        "gelu f16 H=2560 F=1408 (+kept h)",
+    );
     let cfg = MoeConfig::new(1408, 2560, 8, 2)
         .unwrap()
         .with_activation(Activation::Gelu);
@@ -319,7 +350,7 @@ fn repeated_calls_and_token_count_changes() {
     let cfg = MoeConfig::new(512, 256, 16, 4)
         .unwrap()
         .with_renormalize(true);
-    let mut layer = build_layer(&gpu, cfg, "reuse");
+    let mut layer = build_layer(&gpu, cfg, "reuse").keep_preactivation(true);
     for m in [100usize, 1, 257, 100] {
         check_with_layer(
             &gpu,

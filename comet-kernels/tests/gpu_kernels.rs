@@ -545,3 +545,101 @@ fn random_fill_matches_host() {
         }
     }
 }
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn kernel_cache_is_thread_safe() {
+    // Eight threads fetch kernels of several programs at once (memory cache only), launch
+    // them, and all results are right.
+    let gpu = gpu();
+    let cache = std::sync::Arc::new(comet_kernels::KernelCache::new(None));
+    let g = gpu.clone().with_cache(cache.clone());
+    let seed = fresh_seed("threads");
+    std::thread::scope(|s| {
+        for i in 0..8u64 {
+            let g = g.clone();
+            s.spawn(move || {
+                let stream = g.context().new_stream().unwrap();
+                let g = g.with_stream(stream).unwrap();
+                let dtype = if i % 2 == 0 { DType::BF16 } else { DType::F32 };
+                let mut t = DeviceTensor::alloc(&g, dtype, &[257, 16]).unwrap();
+                comet_kernels::init::fill_uniform(&g, &mut t, seed + i, 1.0).unwrap();
+                let got = download(&g, &t);
+                for (j, &v) in got.iter().enumerate() {
+                    assert_eq!(
+                        v.to_bits(),
+                        round(
+                            dtype,
+                            comet_kernels::init::uniform_value(seed + i, j as u64, 1.0)
+                        )
+                        .to_bits()
+                    );
+                }
+                // A second program through the same cache.
+                let idx = upload_i32(&g, &[257], &(0..257).rev().collect::<Vec<i32>>());
+                let src = upload(
+                    &g,
+                    DType::BF16,
+                    &[257, 8],
+                    &random_vec(257 * 8, 1.0, DType::BF16, seed + 100 + i),
+                );
+                let mut dst = poisoned(&g, DType::BF16, &[257, 8]);
+                gather_rows(&g, &src, &idx, &mut dst).unwrap();
+                let (s8, d8) = (download(&g, &src), download(&g, &dst));
+                for r in 0..257 {
+                    assert_eq!(&d8[r * 8..r * 8 + 8], &s8[(256 - r) * 8..(256 - r) * 8 + 8]);
+                }
+            });
+        }
+    });
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn raw_buffers_round_trip_and_wrap() {
+    // cuMemAlloc-backed tensors (what peers touch): transfers, kernels, and from_raw.
+    let gpu = gpu();
+    let seed = fresh_seed("raw");
+    let v = random_vec(4096, 1.0, DType::BF16, seed);
+    let mut t = DeviceTensor::alloc_raw(&gpu, DType::BF16, &[64, 64]).unwrap();
+    assert!(t.is_raw() && t.raw_buffer().is_some());
+    t.poison(&gpu).unwrap();
+    assert!(
+        download(&gpu, &t).iter().all(|x| x.is_nan()),
+        "poison fills NaN"
+    );
+    t.copy_from_host(
+        &gpu,
+        &v.iter()
+            .map(|&x| half::bf16::from_f32(x))
+            .collect::<Vec<_>>(),
+    )
+    .unwrap();
+    assert_eq!(download(&gpu, &t), v);
+    assert_eq!(
+        t.to_host_range::<half::bf16>(&gpu, 100, 3)
+            .unwrap()
+            .iter()
+            .map(|x| x.to_f32())
+            .collect::<Vec<_>>(),
+        v[100..103].to_vec()
+    );
+    let raw = comet_kernels::RawDeviceBuffer::new(gpu.context(), 64 * 64 * 2 + 10).unwrap();
+    let mut w = DeviceTensor::from_raw(raw, DType::BF16, &[64, 64]).unwrap();
+    w.copy_from(&gpu, &t).unwrap();
+    assert_eq!(download(&gpu, &w), v);
+    // Wrong-type and wrong-length transfers are errors, not panics.
+    assert!(matches!(
+        w.to_host::<f32>(&gpu),
+        Err(comet_kernels::Error::DType { .. })
+    ));
+    assert!(matches!(
+        w.copy_from_host(&gpu, &[half::bf16::ZERO; 3]),
+        Err(comet_kernels::Error::HostLength { got: 3, .. })
+    ));
+    let small = comet_kernels::RawDeviceBuffer::new(gpu.context(), 16).unwrap();
+    assert!(matches!(
+        DeviceTensor::from_raw(small, DType::F32, &[5]),
+        Err(comet_kernels::Error::Limit { .. })
+    ));
+}
