@@ -1,0 +1,471 @@
+//! Shared helpers of the GPU tests: the two process models, the CPU expert-parallel
+//! reference of a case, and the comparison of one rank's layer against it.
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use comet_comm::{Communicator, EnvOptions, LocalOptions, ProcessModel, run_local};
+use comet_core::numeric::{count_non_finite, random_normal, rel_l2, round_bf16};
+use comet_core::reference::{EpForward, EpGrads, MoeWeights, ep_backward, ep_forward};
+use comet_core::{Activation, MoeConfig, ParallelConfig, Preset};
+use comet_kernels::DeviceTensor;
+use comet_kernels::forward::{download_f32, upload_f32};
+use comet_layer::{GemmEngine, LayerOptions, MoeLayer, Strategy, Weights};
+use ndarray::{Array2, Axis, s};
+
+/// bf16 tolerance of DESIGN.md.
+pub const TOL: f64 = 1e-2;
+const WORKER_VAR: &str = "COMET_LAYER_TEST_WORKER";
+
+pub type Body = fn(&Communicator) -> Result<(), String>;
+
+/// Runs `body` on `world` GPUs in one process, one thread per rank.
+pub fn in_threads(world: usize, body: Body) {
+    let opts = LocalOptions {
+        devices: None,
+        timeout: Duration::from_secs(120),
+    };
+    let t0 = Instant::now();
+    let out = run_local(world, &opts, |comm| {
+        assert_eq!(comm.process_model(), ProcessModel::ThreadPerRank);
+        body(&comm).map_err(|e| comet_comm::Error::RankFailed {
+            rank: comm.rank(),
+            message: e,
+        })
+    });
+    eprintln!(
+        "thread-per-rank run on {world} GPU(s) done in {:.2} s",
+        t0.elapsed().as_secs_f64()
+    );
+    if let Err(e) = out {
+        panic!("thread-per-rank run failed: {e}");
+    }
+}
+
+/// Runs `body` in `world` processes: this test binary again, filtered to `test_name`, with
+/// the torchrun variables set; in the child it bootstraps from the environment.
+pub fn in_processes(test_name: &str, world: usize, body: Body) {
+    if std::env::var_os(WORKER_VAR).is_some() {
+        let comm = Communicator::from_env(&EnvOptions {
+            timeout: Duration::from_secs(120),
+            device: None,
+        })
+        .unwrap_or_else(|e| panic!("bootstrap failed: {e}"));
+        assert_eq!(comm.process_model(), ProcessModel::ProcessPerRank);
+        if let Err(e) = body(&comm) {
+            panic!("rank {} failed: {e}", comm.rank());
+        }
+        println!("COMET-WORKER-OK rank={}", comm.rank());
+        return;
+    }
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let exe = std::env::current_exe().unwrap();
+    let mut children = Vec::new();
+    for r in 0..world {
+        let child = Command::new(&exe)
+            .args([
+                test_name,
+                "--exact",
+                "--include-ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(WORKER_VAR, "1")
+            .env("RANK", r.to_string())
+            .env("WORLD_SIZE", world.to_string())
+            .env("LOCAL_RANK", r.to_string())
+            .env("LOCAL_WORLD_SIZE", world.to_string())
+            .env("MASTER_ADDR", "127.0.0.1")
+            .env("MASTER_PORT", port.to_string())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        children.push(child);
+    }
+    let mut drains = Vec::new();
+    for c in children.iter_mut() {
+        let mut so = c.stdout.take().unwrap();
+        let mut se = c.stderr.take().unwrap();
+        drains.push(std::thread::spawn(move || {
+            let (mut a, mut b) = (String::new(), String::new());
+            let _ = so.read_to_string(&mut a);
+            let _ = se.read_to_string(&mut b);
+            (a, b)
+        }));
+    }
+    let t0 = Instant::now();
+    let limit = Duration::from_secs(400);
+    let mut status = vec![None; world];
+    let mut killed = false;
+    while status.iter().any(|s| s.is_none()) {
+        for (r, c) in children.iter_mut().enumerate() {
+            if status[r].is_none() {
+                status[r] = c.try_wait().unwrap();
+            }
+        }
+        if !killed && t0.elapsed() > limit {
+            for c in children.iter_mut() {
+                let _ = c.kill();
+            }
+            killed = true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut failures = Vec::new();
+    for (r, d) in drains.into_iter().enumerate() {
+        let (out, err) = d.join().unwrap();
+        let ok = !killed
+            && status[r].is_some_and(|s| s.success())
+            && out.contains(&format!("COMET-WORKER-OK rank={r}"));
+        // Keep the workers' case lines in this test's output.
+        for line in out.lines().filter(|l| l.starts_with("case ")) {
+            eprintln!("[rank {r}] {line}");
+        }
+        if !ok {
+            failures.push(format!(
+                "rank {r} ({:?}, killed: {killed}):\n--- stdout\n{out}\n--- stderr\n{err}",
+                status[r]
+            ));
+        }
+    }
+    eprintln!(
+        "{test_name}: {world} process(es) done in {:.2} s",
+        t0.elapsed().as_secs_f64()
+    );
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// How the test steers the routing.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Route {
+    /// Random tokens and router.
+    Random,
+    /// Every slot to rank 0's experts (the other ranks' experts are empty).
+    OneRank,
+    /// Only even experts are chosen (odd experts are empty).
+    EvenExperts,
+    /// The first `n` tokens of every rank are zero (all logits tie: experts 0..k by the tie
+    /// rule).
+    ZeroTokens(usize),
+}
+
+/// One comparison case.
+#[derive(Debug, Clone)]
+pub struct Case {
+    pub name: String,
+    pub cfg: MoeConfig,
+    /// Tokens of each rank (its length is the world size).
+    pub tokens: Vec<usize>,
+    pub route: Route,
+    pub seed: u64,
+}
+
+impl Case {
+    pub fn new(name: &str, cfg: MoeConfig, tokens: &[usize], route: Route, seed: u64) -> Self {
+        Case {
+            name: name.to_string(),
+            cfg,
+            tokens: tokens.to_vec(),
+            route,
+            seed,
+        }
+    }
+    pub fn world(&self) -> usize {
+        self.tokens.len()
+    }
+    pub fn max_tokens(&self) -> usize {
+        self.tokens.iter().copied().max().unwrap_or(1)
+    }
+}
+
+/// A preset with hidden and ffn divided by `shrink` (experts, top-k, activation and
+/// renormalisation kept).
+pub fn shrunk(p: Preset, shrink: usize) -> MoeConfig {
+    let c = p.config();
+    MoeConfig::new(
+        c.hidden() / shrink,
+        c.ffn() / shrink,
+        c.experts(),
+        c.top_k(),
+    )
+    .unwrap()
+    .with_activation(c.activation())
+    .with_renormalize(c.renormalize())
+}
+
+/// The four presets at 1/16 of their hidden and ffn sizes (so the f64 CPU reference stays
+/// quick): Mixtral 256/896, Qwen2-MoE 128/88, Phi-3.5-MoE 256/400, DeepSeek-V3 448/128.
+pub fn presets_shrunk() -> Vec<(&'static str, MoeConfig)> {
+    Preset::all()
+        .iter()
+        .map(|p| (p.name(), shrunk(*p, 16)))
+        .collect()
+}
+
+fn round(a: &mut Array2<f32>) {
+    a.mapv_inplace(round_bf16);
+}
+
+/// The reference of a case: bf16-exact f32 inputs and weights, the EP forward and backward.
+pub struct Reference {
+    pub par: ParallelConfig,
+    pub w: MoeWeights<f32>,
+    pub xs: Vec<Array2<f32>>,
+    pub dys: Vec<Array2<f32>>,
+    pub fwd: EpForward<f32>,
+    pub grads: EpGrads<f32>,
+}
+
+pub fn reference(c: &Case) -> Reference {
+    let (h, e, world) = (c.cfg.hidden(), c.cfg.experts(), c.world());
+    let par = ParallelConfig::expert_parallel(world).unwrap();
+    let mut w = MoeWeights::<f32>::random(&c.cfg, c.seed).rounded(comet_core::DType::BF16);
+    let mut xs: Vec<Array2<f32>> = c
+        .tokens
+        .iter()
+        .enumerate()
+        .map(|(r, &m)| random_normal((m, h), c.seed + 10 + r as u64))
+        .collect();
+    if matches!(c.route, Route::OneRank | Route::EvenExperts) {
+        // A unit direction u: tokens get +3u, chosen experts' router rows +3u, the others
+        // -3u (a logit gap of 18 between the two groups).
+        let mut u = random_normal(h, c.seed + 7);
+        let n = u.iter().map(|v| v * v).sum::<f32>().sqrt();
+        u.mapv_inplace(|v| v / n);
+        let l = e / world;
+        for ex in 0..e {
+            let chosen = match c.route {
+                Route::OneRank => ex < l,
+                _ => ex % 2 == 0,
+            };
+            let sign = if chosen { 3.0 } else { -3.0 };
+            let mut row = w.wr.row_mut(ex);
+            row.zip_mut_with(&u, |a, b| *a += sign * b);
+        }
+        for x in &mut xs {
+            for mut row in x.axis_iter_mut(Axis(0)) {
+                row.zip_mut_with(&u, |a, b| *a += 3.0 * b);
+            }
+        }
+        round(&mut w.wr);
+    }
+    if let Route::ZeroTokens(n) = c.route {
+        for x in &mut xs {
+            let n = n.min(x.nrows());
+            x.slice_mut(s![..n, ..]).fill(0.0);
+        }
+    }
+    for x in &mut xs {
+        round(x);
+    }
+    let dys: Vec<Array2<f32>> = c
+        .tokens
+        .iter()
+        .enumerate()
+        .map(|(r, &m)| {
+            let mut d = random_normal((m, h), c.seed + 100 + r as u64);
+            round(&mut d);
+            d
+        })
+        .collect();
+    let fwd = ep_forward(&c.cfg, &par, &w, &xs).unwrap();
+    let grads = ep_backward(&c.cfg, &par, &w, &xs, &fwd, &dys).unwrap();
+    Reference {
+        par,
+        w,
+        xs,
+        dys,
+        fwd,
+        grads,
+    }
+}
+
+/// `got` against `want`: no NaN/Inf, relative L2 error ≤ tol (an all-zero reference needs
+/// an all-zero result).
+pub fn close(what: &str, got: &[f32], want: &[f32], tol: f64) -> Result<f64, String> {
+    let bad = count_non_finite(got);
+    if bad > 0 {
+        return Err(format!("{what}: {bad} NaN/Inf of {}", got.len()));
+    }
+    if got.len() != want.len() {
+        return Err(format!(
+            "{what}: {} values, expected {}",
+            got.len(),
+            want.len()
+        ));
+    }
+    let e = rel_l2(got, want);
+    if e.is_nan() || e > tol {
+        return Err(format!("{what}: relative L2 error {e:.3e} > {tol:.0e}"));
+    }
+    Ok(e)
+}
+
+fn flat(a: &Array2<f32>) -> Vec<f32> {
+    a.iter().copied().collect()
+}
+
+/// A bf16 device tensor of a host array, through the layer's stream.
+pub fn upload<C: std::borrow::Borrow<Communicator>>(
+    layer: &MoeLayer<C>,
+    a: &Array2<f32>,
+) -> DeviceTensor {
+    upload_f32(
+        layer.gpu(),
+        layer.dtype(),
+        &[a.nrows(), a.ncols()],
+        &flat(a),
+    )
+    .unwrap()
+}
+
+/// A NaN-filled `[rows, H]` output tensor.
+pub fn poisoned<C: std::borrow::Borrow<Communicator>>(
+    layer: &MoeLayer<C>,
+    rows: usize,
+) -> DeviceTensor {
+    let mut t =
+        DeviceTensor::alloc(layer.gpu(), layer.dtype(), &[rows, layer.config().hidden()]).unwrap();
+    t.poison(layer.gpu()).unwrap();
+    t
+}
+
+/// Builds this rank's layer for `c` with the reference weights.
+pub fn build<'a>(
+    comm: &'a Communicator,
+    c: &Case,
+    r: &Reference,
+    strategy: Strategy,
+    engine: GemmEngine,
+    max_tokens: usize,
+) -> Result<MoeLayer<&'a Communicator>, String> {
+    let lw = r.w.local(comm.rank(), &r.par).map_err(|e| e.to_string())?;
+    let (wr, w0, w1): (Vec<f32>, Vec<f32>, Vec<f32>) = (
+        lw.wr.iter().copied().collect(),
+        lw.w0.iter().copied().collect(),
+        lw.w1.iter().copied().collect(),
+    );
+    let opts = LayerOptions::new(strategy, max_tokens).engine(engine);
+    MoeLayer::new(
+        comm,
+        c.cfg,
+        r.par,
+        opts,
+        Weights::Host {
+            wr: &wr,
+            w0: &w0,
+            w1: &w1,
+        },
+    )
+    .map_err(|e| format!("building the layer: {e}"))
+}
+
+/// Forward and backward of one rank against the reference: routing ids exactly; y, dx,
+/// dW0, dW1 and the all-reduced router gradient within [`TOL`]; `times` passes (gradients
+/// accumulate: after n backward calls they are n times the reference).
+pub fn check_rank<C: std::borrow::Borrow<Communicator>>(
+    layer: &mut MoeLayer<C>,
+    c: &Case,
+    r: &Reference,
+    times: usize,
+) -> Result<String, String> {
+    let rank = layer.rank();
+    let l = layer.local_experts();
+    let err = |e: comet_layer::Error| format!("{e}");
+    let x = upload(layer, &r.xs[rank]);
+    let dy = upload(layer, &r.dys[rank]);
+    let m = r.xs[rank].nrows();
+    layer.zero_grad().map_err(err)?;
+    let mut summary = Vec::new();
+    for pass in 0..times {
+        layer.poison_workspace().map_err(err)?;
+        let mut y = poisoned(layer, m);
+        layer.forward_into(&x, &mut y).map_err(err)?;
+        let (ids, _) = layer.routing_to_host().map_err(err)?;
+        let want_ids = &r.fwd.ranks[rank].routing.ids;
+        let differ = ids
+            .chunks(c.cfg.top_k())
+            .zip(want_ids.outer_iter())
+            .filter(|(a, b)| a.iter().zip(b.iter()).any(|(x, y)| *x as u32 != *y))
+            .count();
+        if differ > 0 {
+            return Err(format!(
+                "routing differs from the reference on {differ} of {m} tokens (near-ties?)"
+            ));
+        }
+        layer.check_device_status().map_err(err)?;
+        let yv = download_f32(layer.gpu(), &y).map_err(|e| e.to_string())?;
+        let ey = close("y", &yv, &flat(&r.fwd.ranks[rank].y), TOL)?;
+        let mut dx = poisoned(layer, m);
+        layer.backward_into(&dy, &mut dx).map_err(err)?;
+        let dxv = download_f32(layer.gpu(), &dx).map_err(|e| e.to_string())?;
+        let edx = close("dx", &dxv, &flat(&r.grads.ranks[rank].dx), TOL)?;
+        if pass == 0 {
+            summary.push(format!("y {ey:.1e} dx {edx:.1e}"));
+        }
+    }
+    layer.all_reduce_router_grad().map_err(err)?;
+    let (dwr, dw0, dw1) = layer.grads_to_host().map_err(err)?;
+    let n = times as f32;
+    let scaled = |v: ndarray::ArrayViewD<f32>| -> Vec<f32> { v.iter().map(|x| x * n).collect() };
+    let e0 = rank * l;
+    let want_dw0 = scaled(r.grads.dw0.slice(s![e0..e0 + l, .., ..]).into_dyn());
+    let want_dw1 = scaled(r.grads.dw1.slice(s![e0..e0 + l, .., ..]).into_dyn());
+    let want_dwr = scaled(r.grads.dwr.view().into_dyn());
+    let a = close("dW0", &dw0, &want_dw0, TOL)?;
+    let b = close("dW1", &dw1, &want_dw1, TOL)?;
+    let g = close("dWr (summed over ranks)", &dwr, &want_dwr, TOL)?;
+    summary.push(format!("dW0 {a:.1e} dW1 {b:.1e} dWr {g:.1e}"));
+    Ok(summary.join(", "))
+}
+
+/// Runs every (case, strategy, engine) on this rank, printing one line per run; the first
+/// failure is the error.
+pub fn run_cases(
+    comm: &Communicator,
+    cases: &[Case],
+    strategies: &[Strategy],
+    engines: &[GemmEngine],
+) -> Result<(), String> {
+    for c in cases {
+        if c.world() != comm.world_size() {
+            return Err(format!("case {} is for {} ranks", c.name, c.world()));
+        }
+        let t0 = Instant::now();
+        let r = reference(c);
+        let t_ref = t0.elapsed().as_secs_f64();
+        for &s in strategies {
+            if s.chunks() > c.tokens.iter().copied().min().unwrap_or(0) {
+                continue;
+            }
+            for &engine in engines {
+                let t1 = Instant::now();
+                let mut layer = build(comm, c, &r, s, engine, c.max_tokens())?;
+                let line = check_rank(&mut layer, c, &r, 1)
+                    .map_err(|e| format!("case {} / {s} / {engine}: {e}", c.name))?;
+                println!(
+                    "case {} / {s} / {engine} rank {}: {line} (hopper: {}, ref {t_ref:.1} s, run {:.1} s)",
+                    c.name,
+                    comm.rank(),
+                    layer.used_hopper_engine(),
+                    t1.elapsed().as_secs_f64()
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A custom small layer.
+pub fn custom(h: usize, f: usize, e: usize, k: usize, act: Activation, renorm: bool) -> MoeConfig {
+    MoeConfig::new(h, f, e, k)
+        .unwrap()
+        .with_activation(act)
+        .with_renormalize(renorm)
+}

@@ -1,0 +1,301 @@
+//! GPU tests of the layer: forward `y`, `dx`, `dW0`, `dW1` and the router gradient against
+//! comet-core's f32 expert-parallel reference (`ep_forward` / `ep_backward`), bf16
+//! tolerance (relative L2 ≤ 1e-2, no NaN), outputs and workspace poisoned before each run,
+//! fresh random inputs per case; on 1 and 2 GPUs, one process for all ranks (threads) and
+//! one process per GPU (this binary spawned with the torchrun environment).
+//!
+//! The presets run with hidden and ffn divided by 16 (the f64 CPU reference of full-size
+//! layers takes minutes; experts, top-k, activation and renormalisation are the presets');
+//! full-size shapes are checked against PyTorch by `comet-bench check` (bench/INTEROP.md).
+//! Token counts differ between ranks and are not multiples of the GEMM tiles.
+//!
+//! Run on a GPU host with `--include-ignored --test-threads=1`.
+
+mod common;
+
+use comet_comm::Communicator;
+use comet_core::{Activation, Preset};
+use comet_layer::{Error, GemmEngine, LayerOptions, MoeLayer, Strategy, Weights};
+use common::*;
+
+const SEQ: Strategy = Strategy::Sequential;
+const PIPE2: Strategy = Strategy::Pipelined { chunks: 2 };
+const PIPE3: Strategy = Strategy::Pipelined { chunks: 3 };
+
+fn preset_cases(tokens: &[usize]) -> Vec<Case> {
+    presets_shrunk()
+        .into_iter()
+        .enumerate()
+        .map(|(i, (name, cfg))| Case::new(name, cfg, tokens, Route::Random, 1000 + i as u64))
+        .collect()
+}
+
+fn presets_1gpu(comm: &Communicator) -> Result<(), String> {
+    run_cases(
+        comm,
+        &preset_cases(&[93]),
+        &[SEQ, PIPE3],
+        &[GemmEngine::Auto],
+    )
+}
+
+fn presets_2gpu(comm: &Communicator) -> Result<(), String> {
+    run_cases(
+        comm,
+        &preset_cases(&[96, 77]),
+        &[SEQ, PIPE2, PIPE3],
+        &[GemmEngine::Auto],
+    )
+}
+
+/// Edge cases on 2 GPUs: empty experts, every slot to one rank's experts (the other rank
+/// receives nothing), top-k 1 and 8, all-tie zero tokens, GeLU without renormalisation,
+/// and both GEMM engines.
+fn edges_2gpu(comm: &Communicator) -> Result<(), String> {
+    let mix = shrunk(Preset::Mixtral8x7B, 16);
+    let cases = vec![
+        Case::new("one-rank", mix, &[64, 51], Route::OneRank, 2001),
+        Case::new("even-experts", mix, &[64, 51], Route::EvenExperts, 2002),
+        Case::new("zero-tokens", mix, &[40, 33], Route::ZeroTokens(3), 2003),
+        Case::new(
+            "top1",
+            custom(128, 64, 16, 1, Activation::SwiGlu, false),
+            &[70, 45],
+            Route::Random,
+            2004,
+        ),
+        Case::new(
+            "top8",
+            custom(128, 64, 16, 8, Activation::SwiGlu, true),
+            &[70, 45],
+            Route::Random,
+            2005,
+        ),
+        Case::new(
+            "gelu",
+            custom(192, 136, 8, 2, Activation::Gelu, false),
+            &[50, 61],
+            Route::Random,
+            2006,
+        ),
+        Case::new("one-token-rank", mix, &[37, 3], Route::Random, 2007),
+    ];
+    run_cases(
+        comm,
+        &cases,
+        &[SEQ, PIPE3],
+        &[GemmEngine::Auto, GemmEngine::MmaSync],
+    )
+}
+
+/// Two forward + backward passes: the gradients double; then a call with fewer tokens on
+/// the same layer (buffers reused, nothing reallocated).
+fn repeat_2gpu(comm: &Communicator) -> Result<(), String> {
+    let cfg = shrunk(Preset::Qwen2Moe2_7B, 16);
+    let c = Case::new("repeat", cfg, &[80, 80], Route::Random, 3001);
+    let r = reference(&c);
+    for s in [SEQ, PIPE2] {
+        let mut layer = build(comm, &c, &r, s, GemmEngine::Auto, 80)?;
+        let line = check_rank(&mut layer, &c, &r, 2).map_err(|e| format!("{s} twice: {e}"))?;
+        println!("case repeat / {s} x2 rank {}: {line}", comm.rank());
+        // Fewer (and unequal) tokens on the same layer.
+        let small = Case::new("repeat-small", cfg, &[41, 17], Route::Random, 3002);
+        let rs = reference(&small);
+        let line = check_rank(&mut layer, &small, &rs, 1).map_err(|e| format!("{s} small: {e}"))?;
+        println!("case repeat-small / {s} rank {}: {line}", comm.rank());
+    }
+    Ok(())
+}
+
+/// Bad input on one rank is an error on every rank (the rank names its own problem, the
+/// others name the rank), and the layer works again afterwards.
+fn bad_input_2gpu(comm: &Communicator) -> Result<(), String> {
+    let cfg = shrunk(Preset::Mixtral8x7B, 16);
+    let c = Case::new("bad-input", cfg, &[32, 32], Route::Random, 4001);
+    let r = reference(&c);
+    let me = comm.rank();
+    let mut layer = build(comm, &c, &r, PIPE2, GemmEngine::Auto, 32)?;
+    let x = upload(&layer, &r.xs[me]);
+    let mut y = poisoned(&layer, 32);
+
+    // Backward before any forward: every rank says so.
+    let dy = upload(&layer, &r.dys[me]);
+    let mut dx = poisoned(&layer, 32);
+    match layer.backward_into(&dy, &mut dx) {
+        Err(Error::NoForwardState { .. }) => {}
+        other => return Err(format!("backward before forward: {other:?}")),
+    }
+
+    // Rank 1 passes x of the wrong width.
+    let wide = ndarray::Array2::<f32>::zeros((32, cfg.hidden() + 8));
+    let bad_x = upload(&layer, &wide);
+    let got = if me == 1 {
+        layer.forward_into(&bad_x, &mut y)
+    } else {
+        layer.forward_into(&x, &mut y)
+    };
+    match (me, got) {
+        (1, Err(Error::Input { what: "x", .. })) => {}
+        (0, Err(Error::PeerRejected { rank: 1, .. })) => {}
+        (_, other) => return Err(format!("wrong-width x on rank 1: rank {me} got {other:?}")),
+    }
+    // Rank 0 passes more tokens than max_tokens.
+    let big = ndarray::Array2::<f32>::zeros((33, cfg.hidden()));
+    let big_x = upload(&layer, &big);
+    let mut big_y = poisoned(&layer, 33);
+    let got = if me == 0 {
+        layer.forward_into(&big_x, &mut big_y)
+    } else {
+        layer.forward_into(&x, &mut y)
+    };
+    match (me, got) {
+        (
+            0,
+            Err(Error::TooManyTokens {
+                tokens: 33,
+                max_tokens: 32,
+            }),
+        ) => {}
+        (1, Err(Error::PeerRejected { rank: 0, reason })) if reason.contains("33 tokens") => {}
+        (_, other) => return Err(format!("33 tokens on rank 0: rank {me} got {other:?}")),
+    }
+    // Rank 1 passes dy of the wrong shape to a valid forward's backward.
+    layer
+        .forward_into(&x, &mut y)
+        .map_err(|e| format!("valid forward after errors: {e}"))?;
+    let short = upload(&layer, &ndarray::Array2::<f32>::zeros((31, cfg.hidden())));
+    let got = if me == 1 {
+        layer.backward_into(&short, &mut dx)
+    } else {
+        layer.backward_into(&dy, &mut dx)
+    };
+    match (me, got) {
+        (1, Err(Error::Input { what: "dy", .. })) => {}
+        (0, Err(Error::PeerRejected { rank: 1, .. })) => {}
+        (_, other) => return Err(format!("short dy on rank 1: rank {me} got {other:?}")),
+    }
+    // And the layer still computes the right thing.
+    let line = check_rank(&mut layer, &c, &r, 1).map_err(|e| format!("after errors: {e}"))?;
+    println!("case bad-input recovery rank {me}: {line}");
+
+    // Ranks that build different layers fail together.
+    let opts = LayerOptions::new(SEQ, 32 + me);
+    match MoeLayer::new(comm, cfg, r.par, opts, Weights::Random { seed: 1 }) {
+        Err(Error::RankMismatch { .. }) => {}
+        other => return Err(format!("max_tokens differing by rank: {other:?}")),
+    }
+    Ok(())
+}
+
+/// Chunks the tokens of a call cannot fill, and a zero-token call.
+fn chunk_rules_1gpu(comm: &Communicator) -> Result<(), String> {
+    let cfg = shrunk(Preset::Phi35Moe, 16);
+    let c = Case::new("chunks", cfg, &[8], Route::Random, 5001);
+    let r = reference(&c);
+    let mut layer = build(
+        comm,
+        &c,
+        &r,
+        Strategy::Pipelined { chunks: 4 },
+        GemmEngine::Auto,
+        8,
+    )?;
+    let three = upload(&layer, &ndarray::Array2::<f32>::zeros((3, cfg.hidden())));
+    let mut y = poisoned(&layer, 3);
+    match layer.forward_into(&three, &mut y) {
+        Err(Error::TooManyChunks {
+            chunks: 4,
+            tokens: 3,
+        }) => {}
+        other => return Err(format!("3 tokens in 4 chunks: {other:?}")),
+    }
+    let none = upload(&layer, &ndarray::Array2::<f32>::zeros((0, cfg.hidden())));
+    let mut y0 = poisoned(&layer, 0);
+    match layer.forward_into(&none, &mut y0) {
+        Err(Error::ZeroTokens { .. }) => {}
+        other => return Err(format!("0 tokens: {other:?}")),
+    }
+    let f32_cfg = cfg.with_dtype(comet_core::DType::F32);
+    match MoeLayer::new(
+        comm,
+        f32_cfg,
+        r.par,
+        LayerOptions::new(SEQ, 8),
+        Weights::Random { seed: 2 },
+    ) {
+        Err(Error::Unsupported { .. }) => {}
+        other => return Err(format!("an f32 layer: {other:?}")),
+    }
+    let line = check_rank(&mut layer, &c, &r, 1)?;
+    println!(
+        "case chunks (4 chunks of 8 tokens) rank {}: {line}",
+        comm.rank()
+    );
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn w1_threads_presets() {
+    in_threads(1, presets_1gpu);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn w1_procs_presets() {
+    in_processes("w1_procs_presets", 1, presets_1gpu);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn w1_threads_chunk_rules() {
+    in_threads(1, chunk_rules_1gpu);
+}
+
+#[test]
+#[ignore = "needs 2 CUDA GPUs"]
+fn w2_threads_presets() {
+    in_threads(2, presets_2gpu);
+}
+
+#[test]
+#[ignore = "needs 2 CUDA GPUs"]
+fn w2_procs_presets() {
+    in_processes("w2_procs_presets", 2, presets_2gpu);
+}
+
+#[test]
+#[ignore = "needs 2 CUDA GPUs"]
+fn w2_threads_edges() {
+    in_threads(2, edges_2gpu);
+}
+
+#[test]
+#[ignore = "needs 2 CUDA GPUs"]
+fn w2_procs_edges() {
+    in_processes("w2_procs_edges", 2, edges_2gpu);
+}
+
+#[test]
+#[ignore = "needs 2 CUDA GPUs"]
+fn w2_threads_repeat_and_fewer_tokens() {
+    in_threads(2, repeat_2gpu);
+}
+
+#[test]
+#[ignore = "needs 2 CUDA GPUs"]
+fn w2_procs_repeat_and_fewer_tokens() {
+    in_processes("w2_procs_repeat_and_fewer_tokens", 2, repeat_2gpu);
+}
+
+#[test]
+#[ignore = "needs 2 CUDA GPUs"]
+fn w2_threads_bad_input() {
+    in_threads(2, bad_input_2gpu);
+}
+
+#[test]
+#[ignore = "needs 2 CUDA GPUs"]
+fn w2_procs_bad_input() {
+    in_processes("w2_procs_bad_input", 2, bad_input_2gpu);
+}
