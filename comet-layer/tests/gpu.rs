@@ -299,3 +299,48 @@ fn w2_threads_bad_input() {
 fn w2_procs_bad_input() {
     in_processes("w2_procs_bad_input", 2, bad_input_2gpu);
 }
+
+/// The premises of the edge cases hold in the reference itself (no GPU needed): one-rank
+/// routing sends every slot to rank 0's experts, even-experts leaves the odd ones empty, and
+/// zero tokens pick experts 0..k by the tie rule.
+#[test]
+fn edge_case_routing_premises_hold() {
+    // Mixtral's expert count and top-k, small widths (the CPU reference runs unoptimised
+    // in CI).
+    let mix = custom(64, 32, 8, 2, Activation::SwiGlu, true);
+    let l = mix.experts() / 2;
+    let r = reference(&Case::new("one-rank", mix, &[64, 51], Route::OneRank, 2001));
+    for rf in &r.fwd.ranks {
+        assert!(rf.routing.ids.iter().all(|&e| (e as usize) < l));
+    }
+    assert_eq!(r.fwd.plan.recv_rows(1), 0, "rank 1 receives nothing");
+    assert!(
+        r.grads
+            .dw0
+            .iter()
+            .skip(l * mix.n0() * mix.hidden())
+            .all(|&v| v == 0.0)
+    );
+    let r = reference(&Case::new("even", mix, &[64, 51], Route::EvenExperts, 2002));
+    for rf in &r.fwd.ranks {
+        assert!(rf.routing.ids.iter().all(|&e| e % 2 == 0));
+    }
+    let r = reference(&Case::new(
+        "zero",
+        mix,
+        &[40, 33],
+        Route::ZeroTokens(3),
+        2003,
+    ));
+    for rf in &r.fwd.ranks {
+        for t in 0..3 {
+            let ids: Vec<u32> = rf.routing.ids.row(t).to_vec();
+            assert_eq!(ids, vec![0, 1]);
+        }
+    }
+    // The reference's outputs are finite and not trivially zero.
+    for rf in &r.fwd.ranks {
+        assert!(rf.y.iter().all(|v| v.is_finite()));
+        assert!(rf.y.iter().any(|&v| v != 0.0));
+    }
+}

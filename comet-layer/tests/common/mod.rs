@@ -13,7 +13,7 @@ use comet_core::{Activation, MoeConfig, ParallelConfig, Preset};
 use comet_kernels::DeviceTensor;
 use comet_kernels::forward::{download_f32, upload_f32};
 use comet_layer::{GemmEngine, LayerOptions, MoeLayer, Strategy, Weights};
-use ndarray::{Array2, Axis, s};
+use ndarray::{Array2, s};
 
 /// bf16 tolerance of DESIGN.md.
 pub const TOL: f64 = 1e-2;
@@ -223,46 +223,65 @@ pub struct Reference {
 }
 
 pub fn reference(c: &Case) -> Reference {
-    let (h, e, world) = (c.cfg.hidden(), c.cfg.experts(), c.world());
+    let (h, e, k, world) = (c.cfg.hidden(), c.cfg.experts(), c.cfg.top_k(), c.world());
     let par = ParallelConfig::expert_parallel(world).unwrap();
     let mut w = MoeWeights::<f32>::random(&c.cfg, c.seed).rounded(comet_core::DType::BF16);
-    let mut xs: Vec<Array2<f32>> = c
-        .tokens
-        .iter()
-        .enumerate()
-        .map(|(r, &m)| random_normal((m, h), c.seed + 10 + r as u64))
-        .collect();
-    if matches!(c.route, Route::OneRank | Route::EvenExperts) {
-        // A unit direction u: tokens get +3u, chosen experts' router rows +3u, the others
-        // -3u (a logit gap of 18 between the two groups).
-        let mut u = random_normal(h, c.seed + 7);
-        let n = u.iter().map(|v| v * v).sum::<f32>().sqrt();
-        u.mapv_inplace(|v| v / n);
+    // A unit direction u for the steered routes: projected out of tokens and router rows;
+    // tokens get +3u, chosen experts' router rows +3u, the others -3u, so chosen logits are
+    // 9 above the remaining O(1) part and the others 9 below.
+    let mut u = random_normal(h, c.seed + 7);
+    let n = u.iter().map(|v| v * v).sum::<f32>().sqrt();
+    u.mapv_inplace(|v| v / n);
+    let set = |mut row: ndarray::ArrayViewMut1<f32>, along: f32| {
+        let d: f32 = row.iter().zip(u.iter()).map(|(a, b)| a * b).sum();
+        row.zip_mut_with(&u, |a, b| *a += (along - d) * b);
+    };
+    let steered = matches!(c.route, Route::OneRank | Route::EvenExperts);
+    if steered {
         let l = e / world;
         for ex in 0..e {
             let chosen = match c.route {
                 Route::OneRank => ex < l,
                 _ => ex % 2 == 0,
             };
-            let sign = if chosen { 3.0 } else { -3.0 };
-            let mut row = w.wr.row_mut(ex);
-            row.zip_mut_with(&u, |a, b| *a += sign * b);
-        }
-        for x in &mut xs {
-            for mut row in x.axis_iter_mut(Axis(0)) {
-                row.zip_mut_with(&u, |a, b| *a += 3.0 * b);
-            }
+            set(w.wr.row_mut(ex), if chosen { 3.0 } else { -3.0 });
         }
         round(&mut w.wr);
     }
-    if let Route::ZeroTokens(n) = c.route {
-        for x in &mut xs {
-            let n = n.min(x.nrows());
-            x.slice_mut(s![..n, ..]).fill(0.0);
+    let zero_rows = match c.route {
+        Route::ZeroTokens(n) => n,
+        _ => 0,
+    };
+    // Token rows, redrawn while the top k + 1 logits of a row are closer than 1e-3 to each
+    // other: the GPU's f32 logits (another summation order) must not reorder them, so ids and
+    // slot order compare exactly. Zero rows tie exactly on both sides (the tie rule).
+    let mut xs = Vec::with_capacity(world);
+    for (r, &m) in c.tokens.iter().enumerate() {
+        let mut x = Array2::<f32>::zeros((m, h));
+        for t in zero_rows.min(m)..m {
+            for attempt in 0u64.. {
+                let seed = c.seed + 10 + r as u64 + 7919 * (t as u64 + 1) + 104_729 * attempt;
+                let mut row = random_normal(h, seed);
+                if steered {
+                    set(row.view_mut(), 3.0);
+                }
+                row.mapv_inplace(round_bf16);
+                let mut logits: Vec<f64> =
+                    w.wr.outer_iter()
+                        .map(|wr| wr.iter().zip(&row).map(|(a, b)| f64::from(a * b)).sum())
+                        .collect();
+                logits.sort_by(|a, b| b.total_cmp(a));
+                let gap = logits[..(k + 1).min(e)]
+                    .windows(2)
+                    .map(|p| p[0] - p[1])
+                    .fold(f64::INFINITY, f64::min);
+                if gap > 1e-3 {
+                    x.row_mut(t).assign(&row);
+                    break;
+                }
+            }
         }
-    }
-    for x in &mut xs {
-        round(x);
+        xs.push(x);
     }
     let dys: Vec<Array2<f32>> = c
         .tokens
