@@ -125,6 +125,49 @@ pub enum Error {
     /// Drawing the SVG chart failed.
     #[error("chart: {0}")]
     Chart(String),
+    /// The MoE layer failed (GPU benchmark, check).
+    #[error(transparent)]
+    Layer(#[from] comet_layer::Error),
+    /// A kernel or device-buffer error.
+    #[error(transparent)]
+    Kernels(#[from] comet_kernels::Error),
+    /// A communication or bootstrap error.
+    #[error(transparent)]
+    Comm(#[from] comet_comm::Error),
+    /// A CUDA driver error.
+    #[error("CUDA driver error: {0}")]
+    Driver(#[from] cudarc::driver::DriverError),
+    /// cuBLAS could not be loaded or failed.
+    #[error("cuBLAS: {0}")]
+    Cublas(String),
+    /// A command-line value that breaks a rule.
+    #[error("{what} = {value}: {rule}")]
+    Arg {
+        /// The option.
+        what: &'static str,
+        /// The value given.
+        value: String,
+        /// The rule it breaks.
+        rule: String,
+    },
+    /// An interop file (bench/INTEROP.md) that is missing, unreadable or breaks a rule.
+    #[error("{path}: {message}")]
+    Interop {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, naming the value and the rule.
+        message: String,
+    },
+    /// Fewer CUDA devices than ranks.
+    #[error("{needed} CUDA device(s) needed ({why}), {found} found")]
+    Gpus {
+        /// Devices needed.
+        needed: usize,
+        /// Devices found.
+        found: usize,
+        /// What needs them.
+        why: String,
+    },
 }
 
 /// Result with comet-bench's [`Error`].

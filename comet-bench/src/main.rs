@@ -1,7 +1,7 @@
 //! `comet-bench`: the comet-rs benchmark binary. See the crate documentation.
 
 use clap::{Parser, Subcommand};
-use comet_bench::{cpu, probe, report};
+use comet_bench::{check, cpu, probe, report, run};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -22,6 +22,10 @@ enum Cmd {
     },
     /// Run the CPU reference MoE forward on a preset with seeded random inputs.
     CpuReference(CpuArgs),
+    /// The MoE layer benchmark on GPUs (one rank per GPU; torchrun environment or --local-gpus).
+    Run(RunArgs),
+    /// Run an interop input directory (bench/INTEROP.md) forward + backward on the GPUs.
+    Check(CheckArgs),
     /// Gather rank reports: print the table, write <date>-<gpu>x<n>.json and .svg.
     Report {
         /// Directory for the results JSON and SVG.
@@ -34,6 +38,96 @@ enum Cmd {
         #[arg(required = true)]
         reports: Vec<PathBuf>,
     },
+}
+
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    /// Presets, comma separated (mixtral, qwen2-moe, phi3.5-moe, deepseek-v3, or custom).
+    #[arg(
+        long,
+        alias = "preset",
+        value_delimiter = ',',
+        default_value = "mixtral-8x7b,qwen2-moe-2.7b,phi-3.5-moe,deepseek-v3"
+    )]
+    presets: Vec<String>,
+    /// Hidden size (custom shape, or an override of the presets').
+    #[arg(long)]
+    hidden: Option<usize>,
+    /// FFN size (custom shape, or an override).
+    #[arg(long)]
+    ffn: Option<usize>,
+    /// Experts (custom shape, or an override).
+    #[arg(long)]
+    experts: Option<usize>,
+    /// Experts per token (custom shape, or an override).
+    #[arg(long)]
+    top_k: Option<usize>,
+    /// Activation override: swiglu or gelu.
+    #[arg(long)]
+    activation: Option<String>,
+    /// Top-k renormalisation override (true or false).
+    #[arg(long)]
+    renormalize: Option<bool>,
+    /// Tokens per rank, comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "8192")]
+    tokens: Vec<usize>,
+    /// Strategies, comma separated: sequential, pipelined (4 chunks), pipelined:N.
+    #[arg(
+        long,
+        alias = "strategy",
+        value_delimiter = ',',
+        default_value = "sequential,pipelined:4"
+    )]
+    strategies: Vec<String>,
+    /// Timed iterations (the median is reported; use 20 or more).
+    #[arg(long, default_value_t = 20)]
+    iters: usize,
+    /// Untimed iterations first.
+    #[arg(long, default_value_t = 5)]
+    warmup: usize,
+    /// Distinct input tensors the iterations rotate over.
+    #[arg(long, default_value_t = 4)]
+    pool: usize,
+    /// Also time forward + backward (a second case per strategy).
+    #[arg(long)]
+    backward: bool,
+    /// Skip the phase-timed pass.
+    #[arg(long)]
+    no_phases: bool,
+    /// GEMM engine: auto (Hopper engine where it applies), mma or sm90.
+    #[arg(long, default_value = "auto")]
+    engine: String,
+    /// Size n of the dense n³ bf16 GEMM measured for the compute floor.
+    #[arg(long, default_value_t = 8192)]
+    dense_n: usize,
+    /// Seed of weights and inputs.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Run N ranks as threads of this process (else: the torchrun environment, or 1 GPU).
+    #[arg(long)]
+    local_gpus: Option<usize>,
+    /// Write the rank report here (with --local-gpus N > 1: <stem>.rank<R>.json each).
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// With --local-gpus: also gather the reports into bench results (JSON + SVG) here.
+    #[arg(long)]
+    report_out: Option<PathBuf>,
+}
+
+#[derive(clap::Args, Debug)]
+struct CheckArgs {
+    /// Input directory (config.json, x, wr, w0, w1, dy .npy).
+    #[arg(long)]
+    inputs: PathBuf,
+    /// Output directory (topk_ids, y, dx, dwr, dw0, dw1, topk_weights .npy, meta.json).
+    #[arg(long)]
+    out: PathBuf,
+    /// Strategy of the layer.
+    #[arg(long, default_value = "sequential")]
+    strategy: String,
+    /// GEMM engine: auto, mma or sm90.
+    #[arg(long, default_value = "auto")]
+    engine: String,
 }
 
 #[derive(clap::Args, Debug)]
@@ -103,6 +197,54 @@ fn run(cli: Cli) -> comet_bench::Result<()> {
                 std::fs::write(&path, text + "\n")
                     .map_err(|source| comet_bench::Error::Io { path, source })?;
             }
+        }
+        Cmd::Run(a) => {
+            let req = run::RunRequest {
+                presets: a.presets,
+                hidden: a.hidden,
+                ffn: a.ffn,
+                experts: a.experts,
+                top_k: a.top_k,
+                activation: a.activation,
+                renormalize: a.renormalize,
+                tokens: a.tokens,
+                strategies: a.strategies,
+                iters: a.iters,
+                warmup: a.warmup,
+                pool: a.pool,
+                backward: a.backward,
+                phases: !a.no_phases,
+                engine: a.engine,
+                dense_n: a.dense_n,
+                seed: a.seed,
+                local_gpus: a.local_gpus,
+                json: a.json,
+            };
+            let reports = run::run(&req)?;
+            if reports.len() > 1 || a.report_out.is_some() {
+                let inputs = reports
+                    .into_iter()
+                    .map(|r| (PathBuf::from(format!("rank{}", r.rank)), r))
+                    .collect();
+                let results = report::gather(inputs, &report::today())?;
+                println!("{}", report::table(&results));
+                if let Some(out) = a.report_out {
+                    let (json, svg) = report::write(&results, &out)?;
+                    println!("wrote {} and {}", json.display(), svg.display());
+                }
+            }
+        }
+        Cmd::Check(a) => {
+            let opts = check::CheckOptions {
+                strategy: a.strategy.parse().map_err(comet_bench::Error::Layer)?,
+                engine: a.engine.parse().map_err(comet_bench::Error::Layer)?,
+            };
+            let files = check::check(&a.inputs, &a.out, &opts)?;
+            println!(
+                "comet-bench check: wrote {} files to {}",
+                files.len(),
+                a.out.display()
+            );
         }
         Cmd::Report {
             out,

@@ -6,10 +6,10 @@
 
 use serde::{Deserialize, Serialize};
 
-/// Whether this build of comet-bench can run the MoE layer benchmark on GPUs (`run`).
-/// False until the GPU layer lands (issue 5); `cargo xtask bench` then falls back to the CPU
-/// reference and says so.
-pub const GPU_BENCH: bool = false;
+/// Whether this build of comet-bench can run the MoE layer benchmark on GPUs (`run`, with
+/// comet-layer's Sequential and Pipelined strategies). When false, `cargo xtask bench` falls
+/// back to the CPU reference and says so.
+pub const GPU_BENCH: bool = true;
 
 /// What `comet-bench devices --json` prints.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

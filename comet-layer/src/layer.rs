@@ -359,6 +359,14 @@ impl<C: Borrow<Communicator>> MoeLayer<C> {
     pub fn last_remote_rows(&self) -> Option<usize> {
         self.state.as_ref().map(|p| p.remote_rows(self.lay.rank))
     }
+    /// Rows this rank's experts received in the last forward (all chunks), or `None` before
+    /// the first: its expert GEMMs did `2 · rows · H · (n0 + F)` flops.
+    pub fn last_received_rows(&self) -> Option<usize> {
+        self.state
+            .as_ref()
+            .map(|p| p.chunks.iter().map(|c| c.recv_total).sum())
+    }
+
     /// Tokens of each rank in the last forward.
     pub fn last_tokens(&self) -> Option<&[usize]> {
         self.state.as_ref().map(|p| p.tokens.as_slice())
