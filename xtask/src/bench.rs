@@ -59,6 +59,114 @@ pub struct BenchArgs {
     /// Time limit for the whole GPU run, in seconds.
     #[arg(long, default_value_t = 3600)]
     pub timeout_s: u64,
+    /// Also run the PyTorch + NCCL expert-parallel layer (`bench/torch_reference.py bench`
+    /// through `torch.distributed.run`, bench/INTEROP.md §8) for the same presets and tokens
+    /// and put its rows in the table.
+    #[arg(long)]
+    pub torch: bool,
+    /// Python with torch for --torch (default: /opt/torch/.venv/bin/python3 if present,
+    /// else python3).
+    #[arg(long)]
+    pub python: Option<PathBuf>,
+    /// The script for --torch (default: bench/torch_reference.py under the current
+    /// directory, else under the workspace).
+    #[arg(long)]
+    pub torch_script: Option<PathBuf>,
+}
+
+/// The presets of a GPU run when `--presets` is not given (comet-bench's default).
+pub const GPU_PRESETS: [&str; 4] = [
+    "mixtral-8x7b",
+    "qwen2-moe-2.7b",
+    "phi-3.5-moe",
+    "deepseek-v3",
+];
+/// Tokens per rank of a GPU run when `--tokens` is not given (comet-bench's default).
+pub const GPU_TOKENS: usize = 8192;
+
+/// The `torch.distributed.run` command lines of `--torch`: one per preset × tokens, each
+/// writing `<scratch>/torch-<preset>-m<tokens>.json` (returned beside the command).
+pub fn torch_commands(
+    args: &BenchArgs,
+    world: usize,
+    scratch: &Path,
+    python: &Path,
+    script: &Path,
+) -> Vec<(Command, PathBuf)> {
+    let presets: Vec<String> = if args.presets.is_empty() {
+        GPU_PRESETS.iter().map(|p| p.to_string()).collect()
+    } else {
+        args.presets.clone()
+    };
+    let tokens = if args.tokens.is_empty() {
+        vec![GPU_TOKENS]
+    } else {
+        args.tokens.clone()
+    };
+    let mut out = Vec::new();
+    for p in &presets {
+        for &t in &tokens {
+            let json = scratch.join(format!("torch-{p}-m{t}.json"));
+            let mut cmd = Command::new(python);
+            cmd.args([
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc-per-node",
+            ])
+            .arg(world.to_string())
+            .arg(script)
+            .args(["bench", "--preset", p, "--tokens", &t.to_string()]);
+            if args.backward {
+                cmd.arg("--backward");
+            }
+            if let Some(n) = args.iters {
+                cmd.args(["--iters", &n.to_string()]);
+            }
+            cmd.arg("--json").arg(&json);
+            cmd.envs(launch::SAFE_ENV.iter().copied());
+            out.push((cmd, json));
+        }
+    }
+    out
+}
+
+/// The Python interpreter and script `--torch` uses.
+fn torch_tools(args: &BenchArgs) -> (PathBuf, PathBuf) {
+    let python = args.python.clone().unwrap_or_else(|| {
+        let venv = PathBuf::from("/opt/torch/.venv/bin/python3");
+        if venv.is_file() {
+            venv
+        } else {
+            PathBuf::from("python3")
+        }
+    });
+    let script = args.torch_script.clone().unwrap_or_else(|| {
+        let here = PathBuf::from("bench/torch_reference.py");
+        if here.is_file() {
+            here
+        } else {
+            workspace_root().join("bench").join("torch_reference.py")
+        }
+    });
+    (python, script)
+}
+
+/// Runs `--torch`'s commands; a failing one is reported and left out of the table.
+fn run_torch(args: &BenchArgs, world: usize, scratch: &Path) -> Vec<PathBuf> {
+    let (python, script) = torch_tools(args);
+    let mut done = Vec::new();
+    for (mut cmd, json) in torch_commands(args, world, scratch, &python, &script) {
+        match run_status(&mut cmd) {
+            Ok(()) if json.is_file() => done.push(json),
+            Ok(()) => eprintln!(
+                "warning: {} was not written; PyTorch row left out",
+                json.display()
+            ),
+            Err(e) => eprintln!("warning: the PyTorch bench failed, its row is left out: {e:#}"),
+        }
+    }
+    done
 }
 
 /// What `comet-bench devices --json` prints.
@@ -242,7 +350,11 @@ fn run_gpu(bin: &Path, args: &BenchArgs, world: usize) -> Result<()> {
         timeout: Duration::from_secs(args.timeout_s),
         progress: std::io::stderr().is_terminal(),
     };
+    let scratch_dir = spec.scratch.clone();
     let mut reports = launch::launch(&spec)?;
+    if args.torch {
+        reports.extend(run_torch(args, world, &scratch_dir));
+    }
     reports.extend(args.extra.iter().cloned());
     let mut cmd = Command::new(bin);
     cmd.arg("report").arg("--out").arg(&out).args(&reports);
@@ -350,6 +462,69 @@ esac
             err.contains("--gpus 4") && err.contains("2 CUDA device"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn torch_commands_cover_presets_and_tokens() {
+        let args = BenchArgs {
+            presets: vec!["mixtral".into(), "qwen2-moe".into()],
+            tokens: vec![4096, 8192],
+            backward: true,
+            iters: Some(25),
+            ..Default::default()
+        };
+        let cmds = torch_commands(
+            &args,
+            2,
+            Path::new("/s"),
+            Path::new("/py"),
+            Path::new("t.py"),
+        );
+        assert_eq!(cmds.len(), 4);
+        let (cmd, json) = &cmds[1];
+        assert_eq!(json, &PathBuf::from("/s/torch-mixtral-m8192.json"));
+        assert_eq!(cmd.get_program(), "/py");
+        let a: Vec<String> = cmd
+            .get_args()
+            .map(|s| s.to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            a,
+            [
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc-per-node",
+                "2",
+                "t.py",
+                "bench",
+                "--preset",
+                "mixtral",
+                "--tokens",
+                "8192",
+                "--backward",
+                "--iters",
+                "25",
+                "--json",
+                "/s/torch-mixtral-m8192.json"
+            ]
+        );
+        let nvls = cmd
+            .get_envs()
+            .find(|(k, _)| *k == "NCCL_NVLS_ENABLE")
+            .and_then(|(_, v)| v);
+        assert_eq!(nvls, Some(std::ffi::OsStr::new("0")));
+        // Defaults: comet-bench's four presets at 8192 tokens.
+        let cmds = torch_commands(
+            &BenchArgs::default(),
+            2,
+            Path::new("/s"),
+            Path::new("/py"),
+            Path::new("t.py"),
+        );
+        let jsons: Vec<_> = cmds.iter().map(|(_, j)| j.clone()).collect();
+        assert_eq!(jsons.len(), 4);
+        assert_eq!(jsons[3], PathBuf::from("/s/torch-deepseek-v3-m8192.json"));
     }
 
     #[test]
