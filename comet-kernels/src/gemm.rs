@@ -17,10 +17,10 @@
 use cudarc::driver::CudaFunction;
 
 use crate::buffer::{DType, DeviceTensor};
-use crate::cache::Defines;
+use crate::cache::{Arch, Defines};
 use crate::device::Gpu;
 use crate::error::{Error, Result};
-use crate::sources;
+use crate::{sm90, sources};
 
 /// Most groups (experts) one launch handles (size of the device-side tile prefix).
 pub const MAX_GROUPS: usize = 1024;
@@ -34,6 +34,19 @@ pub enum GemmKind {
     Dgrad,
     /// `C_g[N, K] = Σ_{r in g} A[r, N]ᵀ B[r, K]`.
     Wgrad,
+}
+
+/// Which tile engine runs a grouped GEMM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Engine {
+    /// The Hopper engine (TMA + wgmma, [`crate::sm90`]) where the device is sm_90 and the
+    /// problem is one it supports (no pre-activation store, no accumulate, no explicit tile
+    /// shape or tile list, output dtype = input dtype, expert offsets given); the portable
+    /// `mma.sync` engine otherwise.
+    #[default]
+    Auto,
+    /// Always the portable `mma.sync` engine (any sm_80+ device, every option).
+    Portable,
 }
 
 /// What the epilogue applies to the fp32 accumulators before the store.
@@ -632,6 +645,7 @@ pub struct GemmArgs<'a> {
     accumulate: bool,
     tile: Option<TileShape>,
     tile_list: Option<TileList<'a>>,
+    engine: Engine,
 }
 
 impl<'a> GemmArgs<'a> {
@@ -654,6 +668,7 @@ impl<'a> GemmArgs<'a> {
             accumulate: false,
             tile: None,
             tile_list: None,
+            engine: Engine::Auto,
         }
     }
     /// `c[rows, N'] = x_rows[rows, K] · w[g][N, K]ᵀ` for the rows of each group.
@@ -713,6 +728,23 @@ impl<'a> GemmArgs<'a> {
         self.tile_list = Some(list);
         self
     }
+    /// Choose the tile engine (default [`Engine::Auto`]).
+    pub fn engine(mut self, engine: Engine) -> Self {
+        self.engine = engine;
+        self
+    }
+
+    /// The Hopper form of this GEMM, where [`Engine::Auto`] may hand it to [`crate::sm90`]:
+    /// only options that engine implements, and expert offsets present.
+    fn hopper_form(&self) -> bool {
+        self.engine == Engine::Auto
+            && self.offsets.is_some()
+            && self.aux.is_none()
+            && !self.accumulate
+            && self.tile.is_none()
+            && self.tile_list.is_none()
+            && self.c.dtype() == self.a.dtype()
+    }
 
     fn desc(&self, smem_optin: u32) -> GemmDesc {
         let out_cols = self.c.shape().last().copied().unwrap_or(0);
@@ -759,6 +791,55 @@ fn kernel(gpu: &Gpu, plan: &GemmPlan) -> Result<CudaFunction> {
 
 /// Runs a grouped GEMM on `gpu`'s stream (asynchronous; no host synchronisation).
 pub fn grouped_gemm(gpu: &Gpu, args: GemmArgs<'_>) -> Result<()> {
+    if gpu.arch() == Arch::SM90 && args.hopper_form() {
+        if let Some(offsets) = args.offsets {
+            let ops = HopperOperands {
+                kind: args.kind,
+                a: args.a,
+                b: args.b,
+                offsets,
+                epilogue: args.epilogue,
+                row_scale: args.row_scale,
+            };
+            if sm90::supports(&ops.gemm(&mut *args.c).desc(), gpu.smem_optin() as usize) {
+                return sm90::grouped_gemm(gpu, ops.gemm(args.c));
+            }
+        }
+    }
+    portable(gpu, args)
+}
+
+/// The operands of a GEMM that [`Engine::Auto`] hands to the Hopper engine.
+struct HopperOperands<'b> {
+    kind: GemmKind,
+    a: &'b DeviceTensor,
+    b: &'b DeviceTensor,
+    offsets: &'b DeviceTensor,
+    epilogue: Epilogue,
+    row_scale: Option<&'b DeviceTensor>,
+}
+
+impl<'b> HopperOperands<'b> {
+    /// The Hopper engine's form of these operands writing into `c`.
+    fn gemm<'c>(&self, c: &'c mut DeviceTensor) -> sm90::Sm90Gemm<'c>
+    where
+        'b: 'c,
+    {
+        let g = match self.kind {
+            GemmKind::Forward => sm90::Sm90Gemm::forward(self.a, self.b, self.offsets, c),
+            GemmKind::Dgrad => sm90::Sm90Gemm::dgrad(self.a, self.b, self.offsets, c),
+            GemmKind::Wgrad => sm90::Sm90Gemm::wgrad(self.a, self.b, self.offsets, c),
+        }
+        .epilogue(self.epilogue);
+        match self.row_scale {
+            Some(scale) => g.row_scale(scale),
+            None => g,
+        }
+    }
+}
+
+/// Runs a grouped GEMM on the portable `mma.sync` engine.
+fn portable(gpu: &Gpu, args: GemmArgs<'_>) -> Result<()> {
     let desc = args.desc(gpu.smem_optin());
     let plan = plan(&desc)?;
     for (what, t) in [
