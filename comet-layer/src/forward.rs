@@ -171,8 +171,11 @@ impl<C: Borrow<Communicator>> MoeLayer<C> {
                 )?;
             }
             Err(err) => {
+                // Zero counts, this rank's token count (for the peers' messages), the status.
                 let mut h = vec![0i32; self.lay.header_len()];
                 let n = h.len();
+                let rows = x.shape().first().copied().unwrap_or(0);
+                h[n - 2] = i32::try_from(rows).unwrap_or(i32::MAX);
                 h[n - 1] = Reject::of(err) as i32;
                 self.tok.header.copy_from_host(&gpu, &h)?;
             }

@@ -98,8 +98,9 @@ fn repeat_2gpu(comm: &Communicator) -> Result<(), String> {
         let mut layer = build(comm, &c, &r, s, GemmEngine::Auto, 80)?;
         let line = check_rank(&mut layer, &c, &r, 2).map_err(|e| format!("{s} twice: {e}"))?;
         println!("case repeat / {s} x2 rank {}: {line}", comm.rank());
-        // Fewer (and unequal) tokens on the same layer.
-        let small = Case::new("repeat-small", cfg, &[41, 17], Route::Random, 3002);
+        // Fewer (and unequal) tokens on the same layer: the same seed gives the same weights
+        // (and the first rows of the same tokens).
+        let small = Case::new("repeat-small", cfg, &[41, 17], Route::Random, 3001);
         let rs = reference(&small);
         let line = check_rank(&mut layer, &small, &rs, 1).map_err(|e| format!("{s} small: {e}"))?;
         println!("case repeat-small / {s} rank {}: {line}", comm.rank());
