@@ -141,3 +141,293 @@ pub(crate) fn activation_backward(
     activation::activation_backward(gpu, kernel_act(act), h, da, dh, None)?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    //! Every GEMM the layer issues passes the engines' validation for the presets (full size
+    //! and the GPU tests' shrunk ones) and the test shapes, at several row counts; the Hopper
+    //! engine takes the forward and data-gradient GEMMs of the full presets (what the
+    //! benchmark runs). CPU only: plan validation needs no device.
+    use comet_core::{MoeConfig, Preset};
+    use comet_kernels::buffer::DType;
+    use comet_kernels::gemm::{self, Epilogue, GemmDesc, GemmKind, Meta, TileShape};
+    use comet_kernels::sm90::{self, Sm90Config, Sm90Desc};
+
+    const OPTIN: u32 = 232_448;
+
+    struct G {
+        name: &'static str,
+        kind: GemmKind,
+        a: Vec<usize>,
+        b: Vec<usize>,
+        grouped: bool,
+        c: Vec<usize>,
+        c_f32: bool,
+        epi: Epilogue,
+        aux: Option<Vec<usize>>,
+    }
+
+    /// The layer's GEMMs for `rows` received rows over `l` local experts and `m` tokens.
+    fn layer_gemms(cfg: &MoeConfig, l: usize, rows: usize, m: usize) -> Vec<G> {
+        let (h, f, n0, e) = (cfg.hidden(), cfg.ffn(), cfg.n0(), cfg.experts());
+        let epi = super::epilogue(cfg.activation());
+        let g = |name, kind, a: &[usize], b: &[usize], grouped, c: &[usize], c_f32, epi, aux| G {
+            name,
+            kind,
+            a: a.to_vec(),
+            b: b.to_vec(),
+            grouped,
+            c: c.to_vec(),
+            c_f32,
+            epi,
+            aux,
+        };
+        use GemmKind::*;
+        vec![
+            g(
+                "router logits",
+                Forward,
+                &[m, h],
+                &[e, h],
+                false,
+                &[m, e],
+                true,
+                Epilogue::None,
+                None,
+            ),
+            g(
+                "gemm0 fused",
+                Forward,
+                &[rows, h],
+                &[l, n0, h],
+                true,
+                &[rows, f],
+                false,
+                epi,
+                None,
+            ),
+            g(
+                "gemm0 fused + h",
+                Forward,
+                &[rows, h],
+                &[l, n0, h],
+                true,
+                &[rows, f],
+                false,
+                epi,
+                Some(vec![rows, n0]),
+            ),
+            g(
+                "gemm0 to h",
+                Forward,
+                &[rows, h],
+                &[l, n0, h],
+                true,
+                &[rows, n0],
+                false,
+                Epilogue::None,
+                None,
+            ),
+            g(
+                "gemm1",
+                Forward,
+                &[rows, f],
+                &[l, h, f],
+                true,
+                &[rows, h],
+                false,
+                Epilogue::None,
+                None,
+            ),
+            g(
+                "dgrad1",
+                Dgrad,
+                &[rows, h],
+                &[l, h, f],
+                true,
+                &[rows, f],
+                false,
+                Epilogue::None,
+                None,
+            ),
+            g(
+                "wgrad1",
+                Wgrad,
+                &[rows, h],
+                &[rows, f],
+                true,
+                &[l, h, f],
+                true,
+                Epilogue::None,
+                None,
+            ),
+            g(
+                "wgrad0",
+                Wgrad,
+                &[rows, n0],
+                &[rows, h],
+                true,
+                &[l, n0, h],
+                true,
+                Epilogue::None,
+                None,
+            ),
+            g(
+                "dgrad0",
+                Dgrad,
+                &[rows, n0],
+                &[l, n0, h],
+                true,
+                &[rows, h],
+                false,
+                Epilogue::None,
+                None,
+            ),
+            g(
+                "router dgrad",
+                Dgrad,
+                &[m, e],
+                &[e, h],
+                false,
+                &[m, h],
+                false,
+                Epilogue::None,
+                None,
+            ),
+            g(
+                "router wgrad",
+                Wgrad,
+                &[m, e],
+                &[m, h],
+                false,
+                &[1, e, h],
+                true,
+                Epilogue::None,
+                None,
+            ),
+        ]
+    }
+
+    fn mma_desc(g: &G, l: usize) -> GemmDesc {
+        let out_cols = *g.c.last().unwrap_or(&0);
+        GemmDesc {
+            kind: g.kind,
+            a: Meta::new(DType::BF16, &g.a),
+            b: Meta::new(DType::BF16, &g.b),
+            offsets: g.grouped.then(|| Meta::new(DType::I32, &[l + 1])),
+            c: Meta::new(if g.c_f32 { DType::F32 } else { DType::BF16 }, &g.c),
+            epilogue: g.epi,
+            aux: g.aux.as_ref().map(|s| Meta::new(DType::BF16, s)),
+            row_scale: None,
+            tile_list_len: None,
+            tile: TileShape::choose(g.kind, g.epi, out_cols, OPTIN),
+        }
+    }
+
+    fn sm90_desc(g: &G, l: usize) -> Sm90Desc {
+        let rows = g.a[0];
+        Sm90Desc {
+            kind: g.kind,
+            a: Meta::new(DType::BF16, &g.a),
+            b: Meta::new(DType::BF16, &g.b),
+            offsets: Meta::new(DType::I32, &[l + 1]),
+            c: Meta::new(DType::BF16, &g.c),
+            epilogue: g.epi,
+            row_scale: None,
+            tile_order: None,
+            error_flag: None,
+            config: Sm90Config::choose(g.kind, g.epi, l, rows),
+        }
+    }
+
+    fn configs() -> Vec<(String, MoeConfig, usize)> {
+        let mut v = Vec::new();
+        for p in Preset::all() {
+            let c = p.config();
+            for w in [1, 2] {
+                v.push((format!("{} W={w}", p.name()), c, w));
+                let s = MoeConfig::new(c.hidden() / 16, c.ffn() / 16, c.experts(), c.top_k())
+                    .unwrap()
+                    .with_activation(c.activation());
+                v.push((format!("{} /16 W={w}", p.name()), s, w));
+            }
+        }
+        for (h, f, e, k) in [(128, 64, 16, 1), (128, 64, 16, 8), (64, 32, 8, 2)] {
+            v.push((
+                format!("custom {h} {f} {e} {k}"),
+                MoeConfig::new(h, f, e, k).unwrap(),
+                2,
+            ));
+        }
+        let gelu = MoeConfig::new(192, 136, 8, 2)
+            .unwrap()
+            .with_activation(comet_core::Activation::Gelu);
+        v.push(("gelu 192 136".into(), gelu, 2));
+        v
+    }
+
+    #[test]
+    fn every_layer_gemm_passes_the_mma_engine_validation() {
+        for (name, cfg, w) in configs() {
+            let l = cfg.experts() / w;
+            for (rows, m) in [(1, 1), (77, 93), (16384, 8192)] {
+                for g in layer_gemms(&cfg, l, rows, m) {
+                    gemm::plan(&mma_desc(&g, l))
+                        .unwrap_or_else(|e| panic!("{name}, rows {rows}: {}: {e}", g.name));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_hopper_engine_takes_the_full_presets_forward_and_dgrad_gemms() {
+        for p in Preset::all() {
+            let cfg = p.config();
+            let l = cfg.experts() / 2;
+            let rows = 2 * 8192 * cfg.top_k().min(l);
+            for g in layer_gemms(&cfg, l, rows, 8192) {
+                if !g.grouped || g.kind == GemmKind::Wgrad || g.aux.is_some() {
+                    continue;
+                }
+                sm90::plan(&sm90_desc(&g, l), OPTIN as usize)
+                    .unwrap_or_else(|e| panic!("{}: {}: {e}", p.name(), g.name));
+            }
+        }
+    }
+
+    /// The specialisations the layer compiles on an H200 (the full presets on 2 GPUs, both
+    /// engines) go through NVRTC for sm_90a. Run with `LD_LIBRARY_PATH=/usr/local/cuda/lib
+    /// CUDA_HOME=/usr/local/cuda cargo test -p comet-layer --lib -- --ignored`.
+    #[test]
+    #[ignore = "needs NVRTC and the CUDA headers"]
+    fn the_layers_kernel_specialisations_compile() {
+        use comet_kernels::cache::{Arch, KernelCache};
+        use std::collections::BTreeSet;
+        let cache = KernelCache::new(None);
+        let mut seen = BTreeSet::new();
+        for p in Preset::all() {
+            let cfg = p.config();
+            let l = cfg.experts() / 2;
+            let rows = 2 * 8192 * cfg.top_k().min(l);
+            for g in layer_gemms(&cfg, l, rows, 8192) {
+                let plan = gemm::plan(&mma_desc(&g, l)).unwrap();
+                let key = format!("mma {:?}", plan.defines);
+                if seen.insert(key.clone()) {
+                    cache
+                        .cubin(&gemm::program(), &plan.defines, Arch::SM90)
+                        .unwrap_or_else(|e| panic!("{key}: {e}"));
+                }
+                if g.grouped && g.kind != GemmKind::Wgrad && g.aux.is_none() {
+                    let plan = sm90::plan(&sm90_desc(&g, l), OPTIN as usize).unwrap();
+                    let key = format!("sm90 {:?}", plan.defines);
+                    if seen.insert(key.clone()) {
+                        cache
+                            .cubin(&sm90::program(), &plan.defines, Arch::SM90)
+                            .unwrap_or_else(|e| panic!("{key}: {e}"));
+                    }
+                }
+            }
+        }
+        assert!(seen.len() >= 6, "{seen:?}");
+    }
+}
