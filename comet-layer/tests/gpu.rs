@@ -50,8 +50,17 @@ fn presets_2gpu(comm: &Communicator) -> Result<(), String> {
 
 /// Edge cases on 2 GPUs: empty experts, every slot to one rank's experts (the other rank
 /// receives nothing), top-k 1 and 8, all-tie zero tokens, GeLU without renormalisation,
-/// and both GEMM engines.
+/// a rank with as few tokens as chunks; with both GEMM engines (threads) or the default one
+/// (processes, to keep the run short).
 fn edges_2gpu(comm: &Communicator) -> Result<(), String> {
+    edges(comm, &[GemmEngine::Auto, GemmEngine::MmaSync])
+}
+
+fn edges_2gpu_auto(comm: &Communicator) -> Result<(), String> {
+    edges(comm, &[GemmEngine::Auto])
+}
+
+fn edges(comm: &Communicator, engines: &[GemmEngine]) -> Result<(), String> {
     let mix = shrunk(Preset::Mixtral8x7B, 16);
     let cases = vec![
         Case::new("one-rank", mix, &[64, 51], Route::OneRank, 2001),
@@ -80,12 +89,7 @@ fn edges_2gpu(comm: &Communicator) -> Result<(), String> {
         ),
         Case::new("one-token-rank", mix, &[37, 3], Route::Random, 2007),
     ];
-    run_cases(
-        comm,
-        &cases,
-        &[SEQ, PIPE3],
-        &[GemmEngine::Auto, GemmEngine::MmaSync],
-    )
+    run_cases(comm, &cases, &[SEQ, PIPE3], engines)
 }
 
 /// Two forward + backward passes: the gradients double; then a call with fewer tokens on
@@ -274,7 +278,7 @@ fn w2_threads_edges() {
 #[test]
 #[ignore = "needs 2 CUDA GPUs"]
 fn w2_procs_edges() {
-    in_processes("w2_procs_edges", 2, edges_2gpu);
+    in_processes("w2_procs_edges", 2, edges_2gpu_auto);
 }
 
 #[test]
