@@ -141,44 +141,27 @@ impl<C: Borrow<Communicator>> MoeLayer<C> {
     fn route(&mut self, x: &DeviceTensor, local: Result<usize>) -> Result<CallPlan> {
         let _s = tracing::debug_span!("routing").entered();
         let t = self.timer.start(&self.gpu)?;
-        let (e, k) = (self.cfg.experts(), self.cfg.top_k());
+        let e = self.cfg.experts();
         let gpu = self.gpu.clone();
-        match &local {
-            Ok(m) => {
-                let m = *m;
-                let tok = &mut self.tok;
-                let mut logits = tok.logits.rows(0, m)?;
-                let mut probs = tok.probs.rows(0, m)?;
-                let mut ids = tok.ids.rows(0, m)?;
-                let mut weights = tok.weights.rows(0, m)?;
-                router::router_logits(&gpu, x, &self.wr, &mut logits)?;
-                router::softmax_topk(
-                    &gpu,
-                    &logits,
-                    k,
-                    self.cfg.renormalize(),
-                    Some(&mut probs),
-                    &mut ids,
-                    &mut weights,
-                )?;
-                layer_ops::chunk_counts(
-                    &gpu,
-                    &ids,
-                    e,
-                    self.lay.chunks,
-                    [m as i32, 0],
-                    &mut tok.header,
-                )?;
-            }
-            Err(err) => {
-                // Zero counts, this rank's token count (for the peers' messages), the status.
-                let mut h = vec![0i32; self.lay.header_len()];
-                let n = h.len();
-                let rows = x.shape().first().copied().unwrap_or(0);
-                h[n - 2] = i32::try_from(rows).unwrap_or(i32::MAX);
-                h[n - 1] = Reject::of(err) as i32;
-                self.tok.header.copy_from_host(&gpu, &h)?;
-            }
+        // A rank whose input or routing kernels fail still takes part in the header
+        // exchange (with a non-zero status), so no peer is left waiting in it.
+        let routed = match &local {
+            Ok(m) => self.route_local(&gpu, x, *m),
+            Err(_) => Ok(()),
+        };
+        let status = match (&local, &routed) {
+            (Err(err), _) => Some(Reject::of(err)),
+            (Ok(_), Err(_)) => Some(Reject::Device),
+            _ => None,
+        };
+        if let Some(status) = status {
+            // Zero counts, this rank's token count (for the peers' messages), the status.
+            let mut h = vec![0i32; self.lay.header_len()];
+            let n = h.len();
+            let rows = x.shape().first().copied().unwrap_or(0);
+            h[n - 2] = i32::try_from(rows).unwrap_or(i32::MAX);
+            h[n - 1] = status as i32;
+            self.tok.header.copy_from_host(&gpu, &h)?;
         }
         let comm: &Communicator = self.comm.borrow();
         // SAFETY: `header` holds header_len and `headers` W·header_len i32 on this rank's
@@ -198,6 +181,7 @@ impl<C: Borrow<Communicator>> MoeLayer<C> {
         )?;
         let gathered: Vec<i32> = self.tok.headers.to_host(&gpu)?;
         local?;
+        routed?;
         let plan = plan::plan_call(&self.lay, &gathered)?;
         let (w, c) = (self.lay.world, self.lay.chunks);
         layer_ops::unpack_counts(&gpu, &self.tok.headers, w, c, e, &mut self.tok.count_mats)?;
@@ -213,6 +197,35 @@ impl<C: Borrow<Communicator>> MoeLayer<C> {
         }
         self.timer.stop("routing", &gpu, t)?;
         Ok(plan)
+    }
+
+    /// The router and the per-chunk counts of this rank's `m` tokens (into the header).
+    fn route_local(&mut self, gpu: &comet_kernels::Gpu, x: &DeviceTensor, m: usize) -> Result<()> {
+        let (e, k) = (self.cfg.experts(), self.cfg.top_k());
+        let tok = &mut self.tok;
+        let mut logits = tok.logits.rows(0, m)?;
+        let mut probs = tok.probs.rows(0, m)?;
+        let mut ids = tok.ids.rows(0, m)?;
+        let mut weights = tok.weights.rows(0, m)?;
+        router::router_logits(gpu, x, &self.wr, &mut logits)?;
+        router::softmax_topk(
+            gpu,
+            &logits,
+            k,
+            self.cfg.renormalize(),
+            Some(&mut probs),
+            &mut ids,
+            &mut weights,
+        )?;
+        layer_ops::chunk_counts(
+            gpu,
+            &ids,
+            e,
+            self.lay.chunks,
+            [m as i32, 0],
+            &mut tok.header,
+        )?;
+        Ok(())
     }
 
     /// Chunk `i`'s rows to the experts' ranks, on the communication stream: send-layout

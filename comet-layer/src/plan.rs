@@ -32,6 +32,8 @@ pub enum Reject {
     ZeroTokens = 3,
     /// A tensor of the wrong dtype or shape.
     BadInput = 4,
+    /// A kernel launch failed on the rank (its error names the cause).
+    Device = 5,
 }
 
 impl Reject {
@@ -42,6 +44,7 @@ impl Reject {
             2 => format!("more chunks than its {tokens} tokens"),
             3 => "no tokens".to_string(),
             4 => "a tensor of the wrong dtype or shape".to_string(),
+            5 => "its routing kernels failed (see that rank's error)".to_string(),
             c => format!("unknown status {c}"),
         }
     }

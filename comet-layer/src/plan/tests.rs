@@ -287,6 +287,7 @@ fn a_rejecting_rank_is_named_to_every_rank() {
     assert!(Reject::describe(1, 99).contains("99 tokens exceed"));
     assert!(Reject::describe(2, 3).contains("more chunks than its 3 tokens"));
     assert!(Reject::describe(42, 0).contains("unknown status 42"));
+    assert!(Reject::describe(Reject::Device as i32, 8).contains("routing kernels failed"));
 }
 
 #[test]

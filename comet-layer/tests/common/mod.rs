@@ -25,7 +25,7 @@ pub type Body = fn(&Communicator) -> Result<(), String>;
 pub fn in_threads(world: usize, body: Body) {
     let opts = LocalOptions {
         devices: None,
-        timeout: Duration::from_secs(120),
+        timeout: Duration::from_secs(60),
     };
     let t0 = Instant::now();
     let out = run_local(world, &opts, |comm| {
@@ -49,7 +49,7 @@ pub fn in_threads(world: usize, body: Body) {
 pub fn in_processes(test_name: &str, world: usize, body: Body) {
     if std::env::var_os(WORKER_VAR).is_some() {
         let comm = Communicator::from_env(&EnvOptions {
-            timeout: Duration::from_secs(120),
+            timeout: Duration::from_secs(60),
             device: None,
         })
         .unwrap_or_else(|e| panic!("bootstrap failed: {e}"));
