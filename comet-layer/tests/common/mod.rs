@@ -100,7 +100,7 @@ pub fn in_processes(test_name: &str, world: usize, body: Body) {
         }));
     }
     let t0 = Instant::now();
-    let limit = Duration::from_secs(400);
+    let limit = Duration::from_secs(150);
     let mut status = vec![None; world];
     let mut killed = false;
     while status.iter().any(|s| s.is_none()) {
