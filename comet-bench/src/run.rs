@@ -444,6 +444,7 @@ fn time_case(
     seed: u64,
 ) -> Result<CaseResult> {
     let req = &plan.req;
+    let backward_label = if backward { "fwd+bwd" } else { "fwd" };
     let opts = LayerOptions::new(strategy, tokens)
         .engine(plan.engine)
         .training(backward);
@@ -497,6 +498,18 @@ fn time_case(
                 phases_ms.insert(k, m);
             }
         }
+    }
+    if comm.rank() == 0 {
+        println!(
+            "  {} / {} / {backward_label}: expert GEMMs on the {} engine",
+            shape.label,
+            strategy_label(strategy),
+            if layer.used_hopper_engine() {
+                "Hopper (sm90)"
+            } else {
+                "mma.sync"
+            }
+        );
     }
     let cfg = &shape.cfg;
     let rows = layer.last_received_rows().unwrap_or(0) as f64;
