@@ -36,11 +36,9 @@ SUMMARY="$OUT/summary.txt"
 export COMET_CACHE_DIR="${COMET_CACHE_DIR:-$G/cache}"
 export COMET_BENCH_BIN="$G/bin/comet-bench"
 mkdir -p "$COMET_CACHE_DIR"
-if [[ -z "${CUDA_HOME:-}" ]]; then
-    for c in /usr/local/cuda /usr/local/cuda-13.0; do
-        [[ -f "$c/include/cuda_bf16.h" ]] && { export CUDA_HOME="$c"; break; }
-    done
-fi
+# CUDA_HOME stays as the host has it (unset on the H200 hosts): NVRTC then finds
+# /usr/local/cuda/include by itself, the include path the bundle's warmed cubin cache
+# (.gpu/cache, comet-layer's warm_the_kernel_cache) was keyed with.
 # The newer NCCL of the Python wheel (cudarc opens libnccl.so): a symlink directory first.
 for d in /opt/torch/.venv/lib/python3*/site-packages; do
     lib="$d/nvidia/nccl/lib/libnccl.so.2"

@@ -430,4 +430,79 @@ mod tests {
         }
         assert!(seen.len() >= 6, "{seen:?}");
     }
+
+    /// Fills the disk kernel cache (`COMET_CACHE_DIR`) with every specialisation the GPU
+    /// tests, `comet-bench run` on the presets and `comet-bench check` compile on an H200, so
+    /// a GPU host with the same NVRTC major.minor and include path loads them instead of
+    /// compiling (a mismatch only means compiling there). Run after `cargo xtask gpu-bundle`:
+    /// `env -u CUDA_HOME -u CUDA_PATH LD_LIBRARY_PATH=/usr/local/cuda/lib
+    /// COMET_CACHE_DIR=$PWD/.gpu/cache cargo test --release -p comet-layer --lib --
+    /// --ignored warm_the_kernel_cache --nocapture`.
+    #[test]
+    #[ignore = "needs NVRTC and the CUDA headers; writes COMET_CACHE_DIR"]
+    fn warm_the_kernel_cache() {
+        use comet_kernels::cache::{Arch, Defines, KernelCache, default_cache_dir};
+        use comet_kernels::{layer_ops, sources};
+        use std::collections::BTreeSet;
+        let dir = default_cache_dir();
+        let cache = KernelCache::new(dir.clone());
+        let t0 = std::time::Instant::now();
+        let mut jobs: Vec<(comet_kernels::cache::Program, Defines)> = Vec::new();
+        let mut seen = BTreeSet::new();
+        let mut add = |p: comet_kernels::cache::Program, d: Defines| {
+            if seen.insert(format!("{} {d:?}", p.name)) {
+                jobs.push((p, d));
+            }
+        };
+        let mut cfgs = configs();
+        for p in Preset::all() {
+            cfgs.push((p.name().to_string(), p.config(), 2));
+        }
+        for (_, cfg, w) in &cfgs {
+            let l = cfg.experts() / w;
+            // Rows per expert on both sides of the Hopper engine's L2-hint threshold.
+            for (rows, m) in [(64, 64), (2048 * l, 8192), (16384, 8192)] {
+                for g in layer_gemms(cfg, l, rows, m) {
+                    add(
+                        gemm::program(),
+                        gemm::plan(&mma_desc(&g, l)).unwrap().defines,
+                    );
+                    if g.grouped && g.kind != GemmKind::Wgrad && g.aux.is_none() {
+                        if let Ok(p) = sm90::plan(&sm90_desc(&g, l), OPTIN as usize) {
+                            add(sm90::program(), p.defines);
+                        }
+                    }
+                }
+                // The inference forward's fused GEMM0 on the Hopper engine.
+                let mut g = layer_gemms(cfg, l, rows, m).remove(1);
+                g.aux = None;
+                if let Ok(p) = sm90::plan(&sm90_desc(&g, l), OPTIN as usize) {
+                    add(sm90::program(), p.defines);
+                }
+            }
+            let mut d = Defines::new();
+            d.insert("ROUTER_EPL".into(), cfg.experts().div_ceil(32).to_string());
+            add(sources::program("router.cu", sources::ROUTER_CU), d);
+        }
+        for (name, src) in [
+            ("routing.cu", sources::ROUTING_CU),
+            ("rows.cu", sources::ROWS_CU),
+            ("activation.cu", sources::ACTIVATION_CU),
+            ("init.cu", sources::INIT_CU),
+        ] {
+            add(sources::program(name, src), Defines::new());
+        }
+        add(layer_ops::program(), Defines::new());
+        for (p, d) in &jobs {
+            cache
+                .cubin(p, d, Arch::SM90)
+                .unwrap_or_else(|e| panic!("{} {d:?}: {e}", p.name));
+        }
+        eprintln!(
+            "{} specialisations in {:.1} s into {dir:?}",
+            jobs.len(),
+            t0.elapsed().as_secs_f64()
+        );
+        assert!(jobs.len() >= 20, "{}", jobs.len());
+    }
 }
