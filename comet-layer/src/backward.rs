@@ -199,7 +199,9 @@ impl<C: Borrow<Communicator>> MoeLayer<C> {
         )?;
         kgemm::grouped_gemm(
             &gpu,
-            GemmArgs::dgrad(&dlogits_elem, &self.wr, None, dx).accumulate(true),
+            GemmArgs::dgrad(&dlogits_elem, &self.wr, None, dx)
+                .accumulate(true)
+                .engine(kgemm::Engine::Portable),
         )?;
         let grads = self.grads.as_mut().ok_or_else(missing)?;
         gemm::wgrad_accumulate(&gpu, &dlogits_elem, &x, None, &mut grads[0])?;

@@ -1,12 +1,13 @@
 //! The layer's grouped GEMMs on the chosen engine: the Hopper engine (`comet_kernels::sm90`)
 //! where the device is sm_90 and the problem fits it, else the portable `mma.sync` engine
-//! (`comet_kernels::gemm`). Weight gradients always run on the `mma.sync` engine, which
+//! (`comet_kernels::gemm` with `Engine::Portable`: this module makes the choice itself, so
+//! that [`GemmEngine::MmaSync`] really runs `mma.sync`). Weight gradients always run on the `mma.sync` engine, which
 //! accumulates into fp32 (the Hopper engine stores the input dtype and does not accumulate).
 
 use comet_core::Activation;
 use comet_kernels::activation::{self, Activation as Act};
 use comet_kernels::cache::Arch;
-use comet_kernels::gemm::{self, Epilogue, GemmArgs};
+use comet_kernels::gemm::{self, Engine, Epilogue, GemmArgs};
 use comet_kernels::sm90::{self, Sm90Gemm};
 use comet_kernels::{DeviceTensor, Gpu};
 
@@ -66,7 +67,12 @@ pub(crate) fn forward(
         sm90::grouped_gemm(gpu, g)?;
         return Ok(true);
     }
-    gemm::grouped_gemm(gpu, GemmArgs::forward(a, w, Some(offsets), c).epilogue(epi))?;
+    gemm::grouped_gemm(
+        gpu,
+        GemmArgs::forward(a, w, Some(offsets), c)
+            .epilogue(epi)
+            .engine(Engine::Portable),
+    )?;
     Ok(false)
 }
 
@@ -94,7 +100,8 @@ pub(crate) fn forward_keep_pre(
         gpu,
         GemmArgs::forward(a, w, Some(offsets), out)
             .epilogue(epilogue(act))
-            .aux(h),
+            .aux(h)
+            .engine(Engine::Portable),
     )?;
     Ok(false)
 }
@@ -113,7 +120,10 @@ pub(crate) fn dgrad(
         sm90::grouped_gemm(gpu, g)?;
         return Ok(true);
     }
-    gemm::grouped_gemm(gpu, GemmArgs::dgrad(a, w, Some(offsets), c))?;
+    gemm::grouped_gemm(
+        gpu,
+        GemmArgs::dgrad(a, w, Some(offsets), c).engine(Engine::Portable),
+    )?;
     Ok(false)
 }
 
@@ -126,7 +136,12 @@ pub(crate) fn wgrad_accumulate(
     offsets: Option<&DeviceTensor>,
     dw: &mut DeviceTensor,
 ) -> Result<()> {
-    gemm::grouped_gemm(gpu, GemmArgs::wgrad(a, b, offsets, dw).accumulate(true))?;
+    gemm::grouped_gemm(
+        gpu,
+        GemmArgs::wgrad(a, b, offsets, dw)
+            .accumulate(true)
+            .engine(Engine::Portable),
+    )?;
     Ok(())
 }
 
