@@ -14,7 +14,7 @@
 // completes and turns it into comet_comm::Error::SignalTimeout naming the rank and signal.
 //
 // This header needs no other header, so NVRTC compiles it without the toolkit include path.
-// Include it as "comet/signal.cuh" (comet_comm::nvrtc::SIGNAL_HEADER_NAME).
+// Include it as "comet/signal.cuh" (comet_comm::sources::SIGNAL_HEADER_NAME).
 #pragma once
 
 typedef unsigned long long comet_u64;

@@ -146,18 +146,12 @@ pub enum Error {
         /// `ncclGetLastError(comm)`.
         last_error: String,
     },
-    /// NVRTC could not compile device code.
-    #[error("NVRTC failed to compile {name} for {arch}: {message}\n{log}")]
-    Nvrtc {
-        /// Program name.
-        name: String,
-        /// Target architecture.
-        arch: String,
-        /// NVRTC's error string.
-        message: String,
-        /// Compiler log.
-        log: String,
-    },
+    /// Compiling or loading comet-comm's device code through comet-kernels' NVRTC cache
+    /// failed: NVRTC or the toolkit headers missing, a compile error (with NVRTC's log), a
+    /// module that does not load. Boxed to keep this enum small; `?` converts a
+    /// `comet_kernels::Error` into it.
+    #[error("device code of comet-comm: {0}")]
+    Kernels(#[source] Box<comet_kernels::Error>),
     /// A device-side bounded wait expired: a peer never released the signal.
     #[error("signal timeout on rank {rank}: signal {signal} (released by {}) never reached epoch {expected}; last value seen {seen}", peer.map_or_else(|| "an unknown rank".to_string(), |p| format!("rank {p}")))]
     SignalTimeout {
@@ -250,6 +244,12 @@ pub enum Error {
         /// What happened.
         message: String,
     },
+}
+
+impl From<comet_kernels::Error> for Error {
+    fn from(e: comet_kernels::Error) -> Self {
+        Error::Kernels(Box::new(e))
+    }
 }
 
 impl Error {

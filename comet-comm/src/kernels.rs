@@ -3,13 +3,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use comet_kernels::{Arch, Defines, KernelCache};
 use cudarc::driver::{CudaContext, CudaFunction, CudaStream, LaunchConfig, PushKernelArg, sys};
-use cudarc::nvrtc::Ptx;
 
 use crate::error::{Error, Result};
 use crate::memory::{DeviceBuffer, check};
-use crate::nvrtc::{P2P_SOURCE, arch_for_capability, compile_cubin};
 use crate::signal::{ErrorWord, SignalPad};
+use crate::sources::p2p_program;
 use crate::symmetric::SymmetricBuffer;
 
 /// Threads per block of the copy kernels (`COMET_COPY_THREADS`).
@@ -187,13 +187,12 @@ pub struct CommKernels {
 }
 
 impl CommKernels {
-    /// Compiles (NVRTC, cached per process) and loads the kernels for `ctx`'s device.
+    /// Compiles (NVRTC through comet-kernels' process-wide [`KernelCache`], cached on disk)
+    /// and loads the kernels for `ctx`'s device.
     pub fn load(ctx: &Arc<CudaContext>) -> Result<Arc<Self>> {
         ctx.bind_to_thread()?;
-        let (major, minor) = ctx.compute_capability()?;
-        let arch = arch_for_capability(major, minor);
-        let cubin = compile_cubin("comet_comm_p2p.cu", P2P_SOURCE, &arch, &[])?;
-        let module = ctx.load_module(Ptx::from_binary(cubin.as_ref().clone()))?;
+        let arch = Arch::of(ctx)?.target();
+        let (_, module) = KernelCache::global().module(ctx, &p2p_program(), &Defines::new())?;
         let f = |name: &str| module.load_function(name).map_err(Error::from);
         let copy_flat = f("comet_copy_flat")?;
         let a2av = f("comet_a2av_push")?;

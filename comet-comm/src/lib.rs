@@ -9,12 +9,13 @@
 //!   (peer access in one process, CUDA IPC across processes).
 //! * [`signal`] and [`epoch`]: device signals with epochs and bounded waits that end in a
 //!   host error naming the rank and the signal; the device side is `cuda/signal.cuh`
-//!   ([`nvrtc::SIGNAL_HEADER`]) for the fused kernels to include.
+//!   ([`sources::SIGNAL_HEADER`], [`sources::headers`]) for the fused kernels to include;
+//!   comet-comm's kernels compile through comet-kernels' NVRTC cache ([`sources`]).
 //! * [`kernels`] and [`a2av`]: push/pull of row blocks over NVLink and an all-to-all-v with
 //!   device-side counts.
 //!
 //! Everything that touches CUDA or NCCL loads the libraries at run time and returns
-//! [`Error::LibraryMissing`] where they are absent, so the crate builds and its CPU tests run
+//! [`Error::LibraryMissing`] where they are absent (NVRTC: [`Error::Kernels`]), so the crate builds and its CPU tests run
 //! on a machine without CUDA.
 #![warn(missing_docs)]
 
@@ -25,9 +26,9 @@ pub mod epoch;
 pub mod error;
 pub mod kernels;
 pub mod memory;
-pub mod nvrtc;
 pub mod rendezvous;
 pub mod signal;
+pub mod sources;
 pub mod symmetric;
 
 pub use a2av::{A2avConfig, AllToAllV};

@@ -1,5 +1,5 @@
 //! Host side of the device signals: the device error word and signal pads in symmetric
-//! memory. The device side is `cuda/signal.cuh` ([`crate::nvrtc::SIGNAL_HEADER`]).
+//! memory. The device side is `cuda/signal.cuh` ([`crate::sources::SIGNAL_HEADER`]).
 
 use cudarc::driver::CudaStream;
 

@@ -10,14 +10,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use comet_comm::kernels::RowCopy;
-use comet_comm::nvrtc::{arch_for_capability, compile_cubin};
 use comet_comm::signal::{ErrorWord, SignalPad};
+use comet_comm::sources;
 use comet_comm::{
     A2avConfig, AllToAllV, CommKernels, Communicator, DeviceBuffer, EnvOptions, Error,
     LocalOptions, P2pOp, PeerPath, ProcessModel, ReduceOp, Result, SymmetricBuffer, run_local,
 };
+use comet_kernels::{Defines, KernelCache};
 use cudarc::driver::{CudaStream, LaunchConfig, PushKernelArg};
-use cudarc::nvrtc::Ptx;
 use rand::rngs::StdRng;
 use rand::{Rng, RngExt, SeedableRng};
 
@@ -454,17 +454,12 @@ fn body_signal_stress(comm: &Communicator) -> Result<()> {
     let err = ErrorWord::new(s)?;
     let mism = DeviceBuffer::new(comm.context(), 32)?;
     mism.fill_bytes(s, 0)?;
-    let (maj, min) = comm.context().compute_capability()?;
-    let cubin = compile_cubin(
-        "comet_comm_selftest.cu",
-        SELFTEST,
-        &arch_for_capability(maj, min),
-        &[],
+    let f = KernelCache::global().function(
+        comm.context(),
+        &sources::program("comet_comm_selftest.cu", SELFTEST),
+        &Defines::new(),
+        "comet_test_signal_stress",
     )?;
-    let module = comm
-        .context()
-        .load_module(Ptx::from_binary(cubin.as_ref().clone()))?;
-    let f = module.load_function("comet_test_signal_stress")?;
     comm.synchronize()?;
     comm.barrier()?;
     let peer_ring = ring.peer_ptr_or_err(peer)?;
