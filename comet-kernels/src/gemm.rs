@@ -20,6 +20,11 @@ use crate::buffer::{DType, DeviceTensor};
 use crate::cache::{Arch, Defines};
 use crate::device::Gpu;
 use crate::error::{Error, Result};
+pub use crate::operands::Meta;
+use crate::operands::{
+    EngineRules, check_epilogue, check_row_scale, check_shapes, expect_dtype, expect_rank,
+    fits_i32, groups_from_offsets,
+};
 use crate::{sm90, sources};
 
 /// Most groups (experts) one launch handles (size of the device-side tile prefix).
@@ -241,32 +246,6 @@ pub struct TileList<'a> {
     pub count: &'a DeviceTensor,
 }
 
-/// dtype + shape of an operand (what validation needs; no device memory).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Meta {
-    /// Element type.
-    pub dtype: DType,
-    /// Shape.
-    pub shape: Vec<usize>,
-}
-
-impl Meta {
-    /// Meta of a tensor.
-    pub fn of(t: &DeviceTensor) -> Meta {
-        Meta {
-            dtype: t.dtype(),
-            shape: t.shape().to_vec(),
-        }
-    }
-    /// Meta from parts.
-    pub fn new(dtype: DType, shape: &[usize]) -> Meta {
-        Meta {
-            dtype,
-            shape: shape.to_vec(),
-        }
-    }
-}
-
 /// Operand descriptions of one grouped GEMM (validated by [`plan`]).
 #[derive(Debug, Clone)]
 pub struct GemmDesc {
@@ -323,51 +302,6 @@ pub struct GemmPlan {
     pub defines: Defines,
 }
 
-fn expect_dtype(what: &str, m: &Meta, allowed: &[DType]) -> Result<()> {
-    if allowed.contains(&m.dtype) {
-        Ok(())
-    } else {
-        Err(Error::DType {
-            what: what.to_string(),
-            got: m.dtype.to_string(),
-            expected: allowed
-                .iter()
-                .map(|d| d.name())
-                .collect::<Vec<_>>()
-                .join(" or "),
-        })
-    }
-}
-
-fn expect_rank(what: &str, m: &Meta, rank: usize) -> Result<()> {
-    if m.shape.len() == rank {
-        Ok(())
-    } else {
-        Err(Error::shape(what, &m.shape, format!("rank {rank}")))
-    }
-}
-
-fn multiple_of_8(what: &str, v: usize) -> Result<()> {
-    if v % 8 == 0 {
-        Ok(())
-    } else {
-        Err(Error::Alignment {
-            what: what.to_string(),
-            value: v,
-            multiple: 8,
-            why: "16-byte cp.async rows",
-        })
-    }
-}
-
-fn i32_range(what: &str, v: usize) -> Result<()> {
-    if v <= i32::MAX as usize {
-        Ok(())
-    } else {
-        Err(Error::limit(what, v, format!("{}", i32::MAX)))
-    }
-}
-
 /// Validates shapes, dtypes and alignment of a grouped GEMM and derives its launch plan.
 pub fn plan(d: &GemmDesc) -> Result<GemmPlan> {
     d.tile.validate(d.kind)?;
@@ -379,18 +313,7 @@ pub fn plan(d: &GemmDesc) -> Result<GemmPlan> {
     expect_rank("C", &d.c, if d.kind == GemmKind::Wgrad { 3 } else { 2 })?;
     let rows_cap = d.a.shape[0];
     let groups = match &d.offsets {
-        Some(o) => {
-            expect_dtype("offsets", o, &[DType::I32])?;
-            expect_rank("offsets", o, 1)?;
-            if o.shape[0] < 2 {
-                return Err(Error::shape(
-                    "offsets",
-                    &o.shape,
-                    "[groups + 1] with groups >= 1",
-                ));
-            }
-            o.shape[0] - 1
-        }
+        Some(o) => groups_from_offsets(o)?,
         None => 1,
     };
     if groups > MAX_GROUPS {
@@ -400,121 +323,23 @@ pub fn plan(d: &GemmDesc) -> Result<GemmPlan> {
             MAX_GROUPS.to_string(),
         ));
     }
-    if d.kind != GemmKind::Forward && d.epilogue != Epilogue::None {
-        return Err(Error::Invalid(format!(
-            "{:?} epilogue is fused into the forward GEMM only",
-            d.epilogue
-        )));
-    }
+    check_epilogue(d.kind, d.epilogue)?;
     if d.kind == GemmKind::Wgrad && d.row_scale.is_some() {
         return Err(Error::Invalid(
             "row scaling applies to grouped-M GEMMs, not Wgrad".into(),
         ));
     }
-    let (m, n, k, lda, ldb, b_group_stride, c_group_stride, out_cols);
-    match d.kind {
-        GemmKind::Forward | GemmKind::Dgrad => {
-            // B: [G, N, K] or, with one group, [N, K].
-            let (bg, bn, bk) = match d.b.shape.as_slice() {
-                [g, n, k] => (*g, *n, *k),
-                [n, k] if groups == 1 => (1, *n, *k),
-                _ => {
-                    return Err(Error::shape(
-                        "B (weights)",
-                        &d.b.shape,
-                        format!("[{groups}, N, K]"),
-                    ));
-                }
-            };
-            if bg != groups {
-                return Err(Error::shape(
-                    "B (weights)",
-                    &d.b.shape,
-                    format!("{groups} groups (from the offsets)"),
-                ));
-            }
-            if d.kind == GemmKind::Forward {
-                if d.a.shape[1] != bk {
-                    return Err(Error::shape(
-                        "A",
-                        &d.a.shape,
-                        format!("[rows, {bk}] (K of the weights)"),
-                    ));
-                }
-                multiple_of_8("K (reduction of the forward GEMM)", bk)?;
-                if d.epilogue == Epilogue::SwiGlu && bn % 2 != 0 {
-                    return Err(Error::Alignment {
-                        what: "N of a SwiGLU weight (2F)".into(),
-                        value: bn,
-                        multiple: 2,
-                        why: "gate and up halves",
-                    });
-                }
-                n = bn;
-                k = bk;
-                lda = bk;
-                ldb = bk;
-                out_cols = if d.epilogue == Epilogue::SwiGlu {
-                    bn / 2
-                } else {
-                    bn
-                };
-            } else {
-                if d.a.shape[1] != bn {
-                    return Err(Error::shape(
-                        "A (output gradient rows)",
-                        &d.a.shape,
-                        format!("[rows, {bn}] (N of the weights)"),
-                    ));
-                }
-                multiple_of_8("N (reduction of the dgrad GEMM)", bn)?;
-                multiple_of_8("K (output of the dgrad GEMM)", bk)?;
-                n = bk;
-                k = bn;
-                lda = bn;
-                ldb = bk;
-                out_cols = bk;
-            }
-            m = 0;
-            b_group_stride = bn * bk;
-            c_group_stride = 0;
-            if d.c.shape != [rows_cap, out_cols] {
-                return Err(Error::shape(
-                    "C",
-                    &d.c.shape,
-                    format!("[{rows_cap}, {out_cols}]"),
-                ));
-            }
-        }
-        GemmKind::Wgrad => {
-            expect_rank("B (input rows)", &d.b, 2)?;
-            if d.b.shape[0] != rows_cap {
-                return Err(Error::shape(
-                    "B (input rows)",
-                    &d.b.shape,
-                    format!("[{rows_cap}, K] (rows of A)"),
-                ));
-            }
-            let (wn, wk) = (d.a.shape[1], d.b.shape[1]);
-            multiple_of_8("N (rows of the weight gradient)", wn)?;
-            multiple_of_8("K (columns of the weight gradient)", wk)?;
-            if d.c.shape != [groups, wn, wk] {
-                return Err(Error::shape(
-                    "C (weight gradient)",
-                    &d.c.shape,
-                    format!("[{groups}, {wn}, {wk}]"),
-                ));
-            }
-            m = wn;
-            n = wk;
-            k = 0;
-            lda = wn;
-            ldb = wk;
-            b_group_stride = 0;
-            c_group_stride = wn * wk;
-            out_cols = wk;
-        }
-    }
+    let rules = EngineRules {
+        ungrouped_weights: true,
+        why: "16-byte cp.async rows",
+    };
+    let dims = check_shapes(d.kind, d.epilogue, &d.a, &d.b, &d.c, groups, rules)?;
+    let out_cols = dims.out_cols;
+    let (m, n, k, lda, ldb, b_group_stride, c_group_stride) = match d.kind {
+        GemmKind::Forward => (0, dims.n, dims.k, dims.k, dims.k, dims.n * dims.k, 0),
+        GemmKind::Dgrad => (0, dims.k, dims.n, dims.n, dims.k, dims.n * dims.k, 0),
+        GemmKind::Wgrad => (dims.n, dims.k, 0, dims.n, dims.k, 0, dims.n * dims.k),
+    };
     let ldaux = match &d.aux {
         Some(aux) => {
             if d.kind != GemmKind::Forward {
@@ -535,13 +360,10 @@ pub fn plan(d: &GemmDesc) -> Result<GemmPlan> {
         None => 0,
     };
     if let Some(s) = &d.row_scale {
-        expect_dtype("row_scale", s, &[DType::F32])?;
-        if s.shape != [rows_cap] {
-            return Err(Error::shape("row_scale", &s.shape, format!("[{rows_cap}]")));
-        }
+        check_row_scale(s, rows_cap)?;
     }
     for (what, v) in [("rows", rows_cap), ("N", n), ("K", k), ("M", m)] {
-        i32_range(what, v)?;
+        fits_i32(what, v)?;
     }
     let t = &d.tile;
     let (bm, bn) = (t.bm as usize, t.bn as usize);
@@ -558,8 +380,7 @@ pub fn plan(d: &GemmDesc) -> Result<GemmPlan> {
     if let Some(len) = d.tile_list_len {
         max_tiles = len;
     }
-    i32_range("tiles", max_tiles)?;
-    let _ = out_cols;
+    fits_i32("tiles", max_tiles)?;
     let mut defines = Defines::new();
     let mut def = |k: &str, v: u32| {
         defines.insert(k.to_string(), v.to_string());

@@ -7,6 +7,7 @@
 //!   fused kernels elsewhere can include it).
 //! - [`device`], [`buffer`]: device handle, typed device tensors, raw `cuMemAlloc` buffers.
 //! - [`router`], [`routing`], [`rows`], [`gemm`], [`activation`], [`layer_ops`]: the kernels.
+//! - [`operands`]: operand descriptions and the shape checks both GEMM engines share.
 //! - [`forward`]: a single-GPU MoE forward composed from them.
 //!
 //! Nothing here loads a CUDA library until a [`Gpu`] is opened or a kernel is compiled, so
@@ -23,6 +24,7 @@ pub mod forward;
 pub mod gemm;
 pub mod init;
 pub mod layer_ops;
+pub mod operands;
 pub mod router;
 pub mod routing;
 pub mod rows;

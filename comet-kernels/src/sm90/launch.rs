@@ -10,7 +10,11 @@ use crate::buffer::{DType, DeviceTensor};
 use crate::cache::{Arch, Defines, Program};
 use crate::device::Gpu;
 use crate::error::{Error, Result};
-use crate::gemm::{Epilogue, GemmKind, Meta};
+use crate::gemm::{Epilogue, GemmKind};
+use crate::operands::{
+    EngineRules, Meta, check_epilogue, check_row_scale, check_shapes, expect_dtype, fits_i32,
+    groups_from_offsets, multiple_of_8,
+};
 
 /// Kernel name in [`program`].
 pub const KERNEL_NAME: &str = "comet_sm90_grouped_gemm";
@@ -118,42 +122,6 @@ pub struct Sm90Plan {
     pub defines: Defines,
 }
 
-fn expect_dtype(what: &str, m: &Meta, allowed: &[DType]) -> Result<()> {
-    if allowed.contains(&m.dtype) {
-        return Ok(());
-    }
-    Err(Error::DType {
-        what: what.to_string(),
-        got: m.dtype.to_string(),
-        expected: allowed
-            .iter()
-            .map(|d| d.name())
-            .collect::<Vec<_>>()
-            .join(" or "),
-    })
-}
-
-fn multiple_of_8(what: &str, v: usize, why: &'static str) -> Result<()> {
-    if v % 8 == 0 {
-        Ok(())
-    } else {
-        Err(Error::Alignment {
-            what: what.to_string(),
-            value: v,
-            multiple: 8,
-            why,
-        })
-    }
-}
-
-fn fits_i32(what: &str, v: usize) -> Result<()> {
-    if v <= i32::MAX as usize {
-        Ok(())
-    } else {
-        Err(Error::limit(what, v, i32::MAX.to_string()))
-    }
-}
-
 /// Validates a Hopper grouped GEMM against the engine's limits and derives its plan.
 /// `smem_optin` is the device's opt-in shared memory per block.
 pub fn plan(d: &Sm90Desc, smem_optin: usize) -> Result<Sm90Plan> {
@@ -162,119 +130,59 @@ pub fn plan(d: &Sm90Desc, smem_optin: usize) -> Result<Sm90Plan> {
     expect_dtype("A", &d.a, &[DType::BF16, DType::F16])?;
     expect_dtype("B", &d.b, &[elem])?;
     expect_dtype("C (the sm90 engine stores A's dtype)", &d.c, &[elem])?;
-    expect_dtype("offsets", &d.offsets, &[DType::I32])?;
-    if d.offsets.shape.len() != 1 || d.offsets.shape[0] < 2 {
-        return Err(Error::shape(
-            "offsets",
-            &d.offsets.shape,
-            "i32 [groups + 1], groups >= 1",
-        ));
-    }
-    let groups = d.offsets.shape[0] - 1;
-    if d.a.shape.len() != 2 {
-        return Err(Error::shape("A", &d.a.shape, "rank 2 [rows, cols]"));
-    }
-    let rows_cap = d.a.shape[0];
+    let groups = groups_from_offsets(&d.offsets)?;
+    let rules = EngineRules {
+        ungrouped_weights: false,
+        why: "TMA row strides are 16-byte multiples",
+    };
+    let dims = check_shapes(d.kind, d.epilogue, &d.a, &d.b, &d.c, groups, rules)?;
+    let rows_cap = dims.rows_cap;
     let esize = elem.size() as u64;
     let (k, n_out, m_out, a_map, b_map);
     match d.kind {
-        GemmKind::Forward | GemmKind::Dgrad => {
-            let (bg, bn, bk) = match d.b.shape.as_slice() {
-                [g, n, k] => (*g, *n, *k),
-                _ => return Err(Error::shape("B (weights)", &d.b.shape, "[G, N, K]")),
+        GemmKind::Forward => {
+            let (bn, bk) = (dims.n, dims.k);
+            let parts = if d.epilogue == Epilogue::SwiGlu { 2 } else { 1 };
+            let nh = (bn / parts) as u64;
+            k = bk;
+            n_out = dims.out_cols;
+            m_out = 0;
+            a_map = TileMap {
+                dims: vec![bk as u64, rows_cap as u64],
+                strides: vec![bk as u64 * esize],
+                box_dims: vec![BK, BM],
             };
-            if bg != groups {
-                return Err(Error::shape(
-                    "B (weights)",
-                    &d.b.shape,
-                    format!("{groups} groups (from the offsets)"),
-                ));
-            }
-            if d.kind == GemmKind::Forward {
-                if d.a.shape[1] != bk {
-                    return Err(Error::shape("A", &d.a.shape, format!("[rows, {bk}]")));
-                }
-                multiple_of_8("K (reduction)", bk, "TMA row strides are 16-byte multiples")?;
-                if d.epilogue == Epilogue::SwiGlu && bn % 2 != 0 {
-                    return Err(Error::Alignment {
-                        what: "N of a SwiGLU weight (2F)".into(),
-                        value: bn,
-                        multiple: 2,
-                        why: "gate and up halves",
-                    });
-                }
-                let parts = if d.epilogue == Epilogue::SwiGlu { 2 } else { 1 };
-                let nh = (bn / parts) as u64;
-                k = bk;
-                n_out = bn / parts;
-                m_out = 0;
-                a_map = TileMap {
-                    dims: vec![bk as u64, rows_cap as u64],
-                    strides: vec![bk as u64 * esize],
-                    box_dims: vec![BK, BM],
-                };
-                b_map = TileMap {
-                    dims: vec![bk as u64, nh, parts as u64, bg as u64],
-                    strides: vec![
-                        bk as u64 * esize,
-                        nh * bk as u64 * esize,
-                        parts as u64 * nh * bk as u64 * esize,
-                    ],
-                    box_dims: vec![BK, d.config.bn / 2, 1, 1],
-                };
-            } else {
-                if d.a.shape[1] != bn {
-                    return Err(Error::shape(
-                        "A (output-gradient rows)",
-                        &d.a.shape,
-                        format!("[rows, {bn}]"),
-                    ));
-                }
-                multiple_of_8("N (reduction of dgrad)", bn, "TMA row strides")?;
-                multiple_of_8("K (output of dgrad)", bk, "TMA row strides")?;
-                k = bn;
-                n_out = bk;
-                m_out = 0;
-                a_map = TileMap {
-                    dims: vec![bn as u64, rows_cap as u64],
-                    strides: vec![bn as u64 * esize],
-                    box_dims: vec![BK, BM],
-                };
-                b_map = TileMap {
-                    dims: vec![bk as u64, bn as u64, bg as u64],
-                    strides: vec![bk as u64 * esize, (bn * bk) as u64 * esize],
-                    box_dims: vec![64, 64, 1],
-                };
-            }
-            if d.c.shape != [rows_cap, n_out] {
-                return Err(Error::shape(
-                    "C",
-                    &d.c.shape,
-                    format!("[{rows_cap}, {n_out}]"),
-                ));
-            }
+            b_map = TileMap {
+                dims: vec![bk as u64, nh, parts as u64, groups as u64],
+                strides: vec![
+                    bk as u64 * esize,
+                    nh * bk as u64 * esize,
+                    parts as u64 * nh * bk as u64 * esize,
+                ],
+                box_dims: vec![BK, d.config.bn / 2, 1, 1],
+            };
+        }
+        GemmKind::Dgrad => {
+            let (bn, bk) = (dims.n, dims.k);
+            k = bn;
+            n_out = dims.out_cols;
+            m_out = 0;
+            a_map = TileMap {
+                dims: vec![bn as u64, rows_cap as u64],
+                strides: vec![bn as u64 * esize],
+                box_dims: vec![BK, BM],
+            };
+            b_map = TileMap {
+                dims: vec![bk as u64, bn as u64, groups as u64],
+                strides: vec![bk as u64 * esize, (bn * bk) as u64 * esize],
+                box_dims: vec![64, 64, 1],
+            };
         }
         GemmKind::Wgrad => {
-            if d.b.shape.len() != 2 || d.b.shape[0] != rows_cap {
-                return Err(Error::shape(
-                    "B (input rows)",
-                    &d.b.shape,
-                    format!("[{rows_cap}, K]"),
-                ));
-            }
-            let (wn, wk) = (d.a.shape[1], d.b.shape[1]);
-            multiple_of_8("N (rows of the weight gradient)", wn, "TMA row strides")?;
-            multiple_of_8("K (columns of the weight gradient)", wk, "TMA row strides")?;
-            if d.c.shape != [groups, wn, wk] {
-                return Err(Error::shape(
-                    "C (weight gradient)",
-                    &d.c.shape,
-                    format!("[{groups}, {wn}, {wk}]"),
-                ));
-            }
+            let (wn, wk) = (dims.n, dims.k);
             fits_i32("groups x N (weight-gradient rows)", groups * wn)?;
             k = 0;
-            n_out = wk;
+            n_out = dims.out_cols;
             m_out = wn;
             a_map = TileMap {
                 dims: vec![wn as u64, rows_cap as u64],
@@ -288,12 +196,7 @@ pub fn plan(d: &Sm90Desc, smem_optin: usize) -> Result<Sm90Plan> {
             };
         }
     }
-    if d.epilogue != Epilogue::None && d.kind != GemmKind::Forward {
-        return Err(Error::Invalid(format!(
-            "{:?} epilogue is fused into the forward GEMM only",
-            d.epilogue
-        )));
-    }
+    check_epilogue(d.kind, d.epilogue)?;
     multiple_of_8(
         "output columns (row stride of C)",
         n_out,
@@ -305,10 +208,7 @@ pub fn plan(d: &Sm90Desc, smem_optin: usize) -> Result<Sm90Plan> {
                 "row scaling applies to forward/dgrad, not wgrad".into(),
             ));
         }
-        expect_dtype("row_scale", s, &[DType::F32])?;
-        if s.shape != [rows_cap] {
-            return Err(Error::shape("row_scale", &s.shape, format!("[{rows_cap}]")));
-        }
+        check_row_scale(s, rows_cap)?;
     }
     if let Some(f) = &d.error_flag {
         expect_dtype("error flag", f, &[DType::I32])?;
