@@ -13,6 +13,8 @@
 //!   comet-comm's kernels compile through comet-kernels' NVRTC cache ([`sources`]).
 //! * [`kernels`] and [`a2av`]: push/pull of row blocks over NVLink and an all-to-all-v with
 //!   device-side counts.
+//! * [`launch`]: one process per rank on this host with the torchrun environment (what the
+//!   multi-process tests run), plain Rust.
 //!
 //! Everything that touches CUDA or NCCL loads the libraries at run time and returns
 //! [`Error::LibraryMissing`] where they are absent (NVRTC: [`Error::Kernels`]), so the crate builds and its CPU tests run
@@ -25,6 +27,7 @@ pub mod env;
 pub mod epoch;
 pub mod error;
 pub mod kernels;
+pub mod launch;
 pub mod memory;
 pub mod rendezvous;
 pub mod signal;

@@ -4,12 +4,11 @@
 //!
 //! Run on a GPU host with `--include-ignored --test-threads=1`.
 
-use std::io::Read;
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use comet_comm::kernels::RowCopy;
+use comet_comm::launch::{self, RankLaunch};
 use comet_comm::signal::{ErrorWord, SignalPad};
 use comet_comm::sources;
 use comet_comm::{
@@ -48,96 +47,31 @@ fn in_threads(body: Body) {
 /// Runs `body` in two processes: this test binary again, filtered to `test_name`, with the
 /// torchrun variables set. In the child (WORKER_VAR set) it bootstraps from the environment.
 fn in_processes(test_name: &str, body: Body) {
-    in_processes_within(test_name, body, Duration::from_secs(240))
-}
-
-fn in_processes_within(test_name: &str, body: Body, limit: Duration) {
-    if std::env::var_os(WORKER_VAR).is_some() {
-        let comm = Communicator::from_env(&EnvOptions {
+    if launch::is_worker(WORKER_VAR) {
+        let opts = EnvOptions {
             timeout: Duration::from_secs(60),
             device: None,
-        })
-        .unwrap_or_else(|e| panic!("bootstrap failed: {e}"));
-        assert_eq!(comm.process_model(), ProcessModel::ProcessPerRank);
-        if let Err(e) = body(&comm) {
-            panic!("rank {} failed: {e}", comm.rank());
+        };
+        let run = launch::run_worker(&opts, |comm| {
+            assert_eq!(comm.process_model(), ProcessModel::ProcessPerRank);
+            body(comm)
+        });
+        if let Err(e) = run {
+            panic!("worker failed: {e}");
         }
-        println!("COMET-WORKER-OK rank={}", comm.rank());
         return;
     }
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
-    let exe = std::env::current_exe().unwrap();
-    let mut children = Vec::new();
-    for r in 0..WORLD {
-        let child = Command::new(&exe)
-            .args([
-                test_name,
-                "--exact",
-                "--include-ignored",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(WORKER_VAR, "1")
-            .env("RANK", r.to_string())
-            .env("WORLD_SIZE", WORLD.to_string())
-            .env("LOCAL_RANK", r.to_string())
-            .env("LOCAL_WORLD_SIZE", WORLD.to_string())
-            .env("MASTER_ADDR", "127.0.0.1")
-            .env("MASTER_PORT", port.to_string())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        children.push(child);
-    }
-    // Drain the pipes on threads so that a chatty child cannot block.
-    let mut drains = Vec::new();
-    for c in children.iter_mut() {
-        let mut so = c.stdout.take().unwrap();
-        let mut se = c.stderr.take().unwrap();
-        drains.push(std::thread::spawn(move || {
-            let mut a = String::new();
-            let mut b = String::new();
-            let _ = so.read_to_string(&mut a);
-            let _ = se.read_to_string(&mut b);
-            (a, b)
-        }));
-    }
-    let t0 = Instant::now();
-    let deadline = t0 + limit;
-    let mut status = [None; WORLD];
-    let mut killed = false;
-    while status.iter().any(|s| s.is_none()) {
-        for (r, c) in children.iter_mut().enumerate() {
-            if status[r].is_none() {
-                status[r] = c.try_wait().unwrap();
-            }
-        }
-        if !killed && Instant::now() > deadline {
-            for c in children.iter_mut() {
-                let _ = c.kill();
-            }
-            killed = true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let mut failures = Vec::new();
-    for (r, d) in drains.into_iter().enumerate() {
-        let (out, err) = d.join().unwrap();
-        let ok = !killed
-            && status[r].is_some_and(|s| s.success())
-            && out.contains(&format!("COMET-WORKER-OK rank={r}"));
-        if !ok {
-            failures.push(format!("rank {r} ({:?}, killed at the {limit:?} limit: {killed}):\n--- stdout\n{out}\n--- stderr\n{err}", status[r]));
-        }
-    }
+    let outcome = RankLaunch::for_test(test_name, WORLD)
+        .unwrap()
+        .env(WORKER_VAR, "1")
+        .time_limit(Duration::from_secs(240))
+        .run()
+        .unwrap();
     eprintln!(
         "{test_name}: both ranks done in {:.2} s",
-        t0.elapsed().as_secs_f64()
+        outcome.elapsed.as_secs_f64()
     );
+    let failures = outcome.failures();
     if !failures.is_empty() {
         panic!("{}", failures.join("\n"));
     }

@@ -2,10 +2,9 @@
 //! reference of a case, and the comparison of one rank's layer against it.
 #![allow(dead_code)]
 
-use std::io::Read;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use comet_comm::launch::{self, RankLaunch};
 use comet_comm::{Communicator, EnvOptions, LocalOptions, ProcessModel, run_local};
 use comet_core::numeric::{count_non_finite, random_normal, rel_l2, round_bf16};
 use comet_core::reference::{EpForward, EpGrads, MoeWeights, ep_backward, ep_forward};
@@ -47,97 +46,37 @@ pub fn in_threads(world: usize, body: Body) {
 /// Runs `body` in `world` processes: this test binary again, filtered to `test_name`, with
 /// the torchrun variables set; in the child it bootstraps from the environment.
 pub fn in_processes(test_name: &str, world: usize, body: Body) {
-    if std::env::var_os(WORKER_VAR).is_some() {
-        let comm = Communicator::from_env(&EnvOptions {
+    if launch::is_worker(WORKER_VAR) {
+        let opts = EnvOptions {
             timeout: Duration::from_secs(60),
             device: None,
-        })
-        .unwrap_or_else(|e| panic!("bootstrap failed: {e}"));
-        assert_eq!(comm.process_model(), ProcessModel::ProcessPerRank);
-        if let Err(e) = body(&comm) {
-            panic!("rank {} failed: {e}", comm.rank());
+        };
+        let run = launch::run_worker(&opts, |comm| {
+            assert_eq!(comm.process_model(), ProcessModel::ProcessPerRank);
+            body(comm)
+        });
+        if let Err(e) = run {
+            panic!("worker failed: {e}");
         }
-        println!("COMET-WORKER-OK rank={}", comm.rank());
         return;
     }
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
-    let exe = std::env::current_exe().unwrap();
-    let mut children = Vec::new();
-    for r in 0..world {
-        let child = Command::new(&exe)
-            .args([
-                test_name,
-                "--exact",
-                "--include-ignored",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(WORKER_VAR, "1")
-            .env("RANK", r.to_string())
-            .env("WORLD_SIZE", world.to_string())
-            .env("LOCAL_RANK", r.to_string())
-            .env("LOCAL_WORLD_SIZE", world.to_string())
-            .env("MASTER_ADDR", "127.0.0.1")
-            .env("MASTER_PORT", port.to_string())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        children.push(child);
-    }
-    let mut drains = Vec::new();
-    for c in children.iter_mut() {
-        let mut so = c.stdout.take().unwrap();
-        let mut se = c.stderr.take().unwrap();
-        drains.push(std::thread::spawn(move || {
-            let (mut a, mut b) = (String::new(), String::new());
-            let _ = so.read_to_string(&mut a);
-            let _ = se.read_to_string(&mut b);
-            (a, b)
-        }));
-    }
-    let t0 = Instant::now();
-    let limit = Duration::from_secs(150);
-    let mut status = vec![None; world];
-    let mut killed = false;
-    while status.iter().any(|s| s.is_none()) {
-        for (r, c) in children.iter_mut().enumerate() {
-            if status[r].is_none() {
-                status[r] = c.try_wait().unwrap();
-            }
-        }
-        if !killed && t0.elapsed() > limit {
-            for c in children.iter_mut() {
-                let _ = c.kill();
-            }
-            killed = true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let mut failures = Vec::new();
-    for (r, d) in drains.into_iter().enumerate() {
-        let (out, err) = d.join().unwrap();
-        let ok = !killed
-            && status[r].is_some_and(|s| s.success())
-            && out.contains(&format!("COMET-WORKER-OK rank={r}"));
-        // Keep the workers' case lines in this test's output.
-        for line in out.lines().filter(|l| l.starts_with("case ")) {
-            eprintln!("[rank {r}] {line}");
-        }
-        if !ok {
-            failures.push(format!(
-                "rank {r} ({:?}, killed: {killed}):\n--- stdout\n{out}\n--- stderr\n{err}",
-                status[r]
-            ));
+    let outcome = RankLaunch::for_test(test_name, world)
+        .unwrap()
+        .env(WORKER_VAR, "1")
+        .time_limit(Duration::from_secs(150))
+        .run()
+        .unwrap();
+    // Keep the workers' case lines in this test's output.
+    for r in &outcome.ranks {
+        for line in r.stdout.lines().filter(|l| l.starts_with("case ")) {
+            eprintln!("[rank {}] {line}", r.rank);
         }
     }
     eprintln!(
         "{test_name}: {world} process(es) done in {:.2} s",
-        t0.elapsed().as_secs_f64()
+        outcome.elapsed.as_secs_f64()
     );
+    let failures = outcome.failures();
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
