@@ -84,30 +84,37 @@ pub fn download_f32(gpu: &Gpu, t: &DeviceTensor) -> Result<Vec<f32>> {
     })
 }
 
+/// The element type and `[hidden, ffn, experts, n0]` of `cfg`, checked against what the
+/// forward's kernels support (bf16/f16, the router's limits, 16-byte rows).
+fn check_config(cfg: &MoeConfig) -> Result<(DType, [usize; 4])> {
+    let elem = DType::from(cfg.dtype());
+    if !elem.is_half() {
+        return Err(Error::DType {
+            what: "MoeForward element type".into(),
+            got: elem.to_string(),
+            expected: "bf16 or f16".into(),
+        });
+    }
+    let (h, f, e, n0) = (cfg.hidden(), cfg.ffn(), cfg.experts(), cfg.n0());
+    router::check_router(e, cfg.top_k())?;
+    for (what, v) in [("hidden", h), ("ffn", f)] {
+        if v % 8 != 0 {
+            return Err(Error::Alignment {
+                what: what.into(),
+                value: v,
+                multiple: 8,
+                why: "16-byte rows in the GEMMs and row kernels",
+            });
+        }
+    }
+    Ok((elem, [h, f, e, n0]))
+}
+
 impl MoeForward {
     /// Uploads the weights (row-major f32 host data, rounded to `cfg.dtype()`):
     /// `wr [E, H]`, `w0 [E, n0, H]`, `w1 [E, H, F]`.
     pub fn new(gpu: &Gpu, cfg: &MoeConfig, wr: &[f32], w0: &[f32], w1: &[f32]) -> Result<Self> {
-        let elem = DType::from(cfg.dtype());
-        if !elem.is_half() {
-            return Err(Error::DType {
-                what: "MoeForward element type".into(),
-                got: elem.to_string(),
-                expected: "bf16 or f16".into(),
-            });
-        }
-        let (h, f, e, n0) = (cfg.hidden(), cfg.ffn(), cfg.experts(), cfg.n0());
-        router::check_router(e, cfg.top_k())?;
-        for (what, v) in [("hidden", h), ("ffn", f)] {
-            if v % 8 != 0 {
-                return Err(Error::Alignment {
-                    what: what.into(),
-                    value: v,
-                    multiple: 8,
-                    why: "16-byte rows in the GEMMs and row kernels",
-                });
-            }
-        }
+        let (elem, [h, f, e, n0]) = check_config(cfg)?;
         let check = |what: &str, got: usize, want: usize| {
             if got == want {
                 Ok(())
@@ -122,16 +129,12 @@ impl MoeForward {
         check("wr [E, H]", wr.len(), e * h)?;
         check("w0 [E, n0, H]", w0.len(), e * n0 * h)?;
         check("w1 [E, H, F]", w1.len(), e * h * f)?;
-        Ok(MoeForward {
-            cfg: *cfg,
-            elem,
-            wr: upload_f32(gpu, elem, &[e, h], wr)?,
-            w0: upload_f32(gpu, elem, &[e, n0, h], w0)?,
-            w1: upload_f32(gpu, elem, &[e, h, f], w1)?,
-            keep_h: false,
-            tile: None,
-            ws: None,
-        })
+        Self::from_device(
+            cfg,
+            upload_f32(gpu, elem, &[e, h], wr)?,
+            upload_f32(gpu, elem, &[e, n0, h], w0)?,
+            upload_f32(gpu, elem, &[e, h, f], w1)?,
+        )
     }
 
     /// Takes weights already on the device: `wr [E, H]`, `w0 [E, n0, H]`, `w1 [E, H, F]` of
@@ -142,26 +145,7 @@ impl MoeForward {
         w0: DeviceTensor,
         w1: DeviceTensor,
     ) -> Result<Self> {
-        let elem = DType::from(cfg.dtype());
-        if !elem.is_half() {
-            return Err(Error::DType {
-                what: "MoeForward element type".into(),
-                got: elem.to_string(),
-                expected: "bf16 or f16".into(),
-            });
-        }
-        let (h, f, e, n0) = (cfg.hidden(), cfg.ffn(), cfg.experts(), cfg.n0());
-        router::check_router(e, cfg.top_k())?;
-        for (what, v) in [("hidden", h), ("ffn", f)] {
-            if v % 8 != 0 {
-                return Err(Error::Alignment {
-                    what: what.into(),
-                    value: v,
-                    multiple: 8,
-                    why: "16-byte rows in the GEMMs and row kernels",
-                });
-            }
-        }
+        let (elem, [h, f, e, n0]) = check_config(cfg)?;
         for (what, t, shape) in [
             ("wr", &wr, vec![e, h]),
             ("w0", &w0, vec![e, n0, h]),
