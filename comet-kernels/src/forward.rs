@@ -352,20 +352,11 @@ impl MoeForward {
             h.poison(gpu)?;
         }
         let p = &mut ws.plan;
-        for t in [
-            &mut p.counts,
-            &mut p.expert_offsets,
-            &mut p.seg_offsets,
-            &mut p.send_offsets,
-            &mut p.send_rank_counts,
-            &mut p.recv_rank_counts,
-            &mut p.scatter_rank,
-            &mut p.scatter_row,
-            &mut p.send_row,
-            &mut p.status,
-        ] {
+        p.counts.poison(gpu)?;
+        for t in p.layout_mut() {
             t.poison(gpu)?;
         }
+        p.status.poison(gpu)?;
         Ok(())
     }
 

@@ -125,6 +125,21 @@ pub struct RoutingPlan {
 }
 
 impl RoutingPlan {
+    /// The layout tensors: every buffer but `counts` and `status` (expert, segment and send
+    /// offsets, per-rank row counts, per-slot ranks and rows), e.g. to poison them.
+    pub fn layout_mut(&mut self) -> [&mut DeviceTensor; 8] {
+        [
+            &mut self.expert_offsets,
+            &mut self.seg_offsets,
+            &mut self.send_offsets,
+            &mut self.send_rank_counts,
+            &mut self.recv_rank_counts,
+            &mut self.scatter_rank,
+            &mut self.scatter_row,
+            &mut self.send_row,
+        ]
+    }
+
     /// Allocates the plan's buffers.
     pub fn new(
         gpu: &Gpu,

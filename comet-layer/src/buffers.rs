@@ -162,16 +162,8 @@ impl ChunkBuffers {
     }
 
     pub(crate) fn all_mut(&mut self) -> Vec<&mut DeviceTensor> {
-        let p = &mut self.plan;
-        let mut v = vec![
-            &mut p.expert_offsets,
-            &mut p.seg_offsets,
-            &mut p.send_offsets,
-            &mut p.send_rank_counts,
-            &mut p.recv_rank_counts,
-            &mut p.scatter_rank,
-            &mut p.scatter_row,
-            &mut p.send_row,
+        let mut v: Vec<&mut DeviceTensor> = self.plan.layout_mut().into();
+        v.extend([
             &mut self.send,
             &mut self.send_index,
             &mut self.back,
@@ -180,7 +172,7 @@ impl ChunkBuffers {
             &mut self.recv,
             &mut self.a,
             &mut self.o,
-        ];
+        ]);
         for t in [&mut self.h, &mut self.dh, &mut self.da]
             .into_iter()
             .flatten()
