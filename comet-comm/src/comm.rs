@@ -837,42 +837,75 @@ impl Communicator {
             }
         }
         let _span = tracing::debug_span!("nccl_all_to_all_v", rank = self.rank).entered();
+        let ops = (0..self.world)
+            .flat_map(|i| {
+                // rotate so that traffic spreads over the peers
+                let p = (self.rank + i) % self.world;
+                [
+                    (
+                        send + send_offsets[p] as u64,
+                        send_counts[p],
+                        p as i32,
+                        true,
+                    ),
+                    (
+                        recv + recv_offsets[p] as u64,
+                        recv_counts[p],
+                        p as i32,
+                        false,
+                    ),
+                ]
+            })
+            .filter(|&(_, bytes, _, _)| bytes > 0);
+        // SAFETY: ranges per the caller; every peer is below the world size.
+        unsafe { self.grouped_send_recv(ops, stream) }
+    }
+
+    /// Issues `(device address, bytes, peer, is_send)` sends and receives of bytes in one NCCL
+    /// group on `stream`. The group is always closed; the first failing call's error wins.
+    ///
+    /// # Safety
+    /// Every range must lie inside live device allocations of this rank's device until the
+    /// operations complete on `stream`, and every peer must be a rank of this communicator.
+    unsafe fn grouped_send_recv(
+        &self,
+        ops: impl IntoIterator<Item = (u64, usize, i32, bool)>,
+        stream: &CudaStream,
+    ) -> Result<()> {
         let cs = stream.cu_stream() as nccl::cudaStream_t;
         // SAFETY: group start/end bracket the sends and receives; ranges per the caller.
         self.check(unsafe { nccl::ncclGroupStart() }, "ncclGroupStart")?;
         let mut first_err = None;
-        for i in 0..self.world {
-            // rotate so that traffic spreads over the peers
-            let p = (self.rank + i) % self.world;
-            if send_counts[p] > 0 {
+        for (ptr, bytes, peer, send) in ops {
+            let (r, call) = if send {
+                // SAFETY: a live range of `bytes` bytes (caller), a valid peer.
                 let r = unsafe {
                     nccl::ncclSend(
-                        (send + send_offsets[p] as u64) as *const _,
-                        send_counts[p],
+                        ptr as *const _,
+                        bytes,
                         nccl::ncclDataType_t::ncclUint8,
-                        p as i32,
+                        peer,
                         self.comm,
                         cs,
                     )
                 };
-                if let Err(e) = self.check(r, "ncclSend") {
-                    first_err.get_or_insert(e);
-                }
-            }
-            if recv_counts[p] > 0 {
+                (r, "ncclSend")
+            } else {
+                // SAFETY: as above.
                 let r = unsafe {
                     nccl::ncclRecv(
-                        (recv + recv_offsets[p] as u64) as *mut _,
-                        recv_counts[p],
+                        ptr as *mut _,
+                        bytes,
                         nccl::ncclDataType_t::ncclUint8,
-                        p as i32,
+                        peer,
                         self.comm,
                         cs,
                     )
                 };
-                if let Err(e) = self.check(r, "ncclRecv") {
-                    first_err.get_or_insert(e);
-                }
+                (r, "ncclRecv")
+            };
+            if let Err(e) = self.check(r, call) {
+                first_err.get_or_insert(e);
             }
         }
         let end = self.check(unsafe { nccl::ncclGroupEnd() }, "ncclGroupEnd");
@@ -939,43 +972,8 @@ impl Communicator {
             let ptr = Self::elems_check::<u8>(buf, offset, bytes, "p2p byte range")?;
             checked.push((ptr, bytes, self.peer_i32(peer)?, send));
         }
-        let cs = self.stream.cu_stream() as nccl::cudaStream_t;
-        // SAFETY: ranges were checked; group start/end bracket the operations.
-        self.check(unsafe { nccl::ncclGroupStart() }, "ncclGroupStart")?;
-        let mut first_err = None;
-        for (ptr, bytes, peer, send) in checked {
-            let r = if send {
-                unsafe {
-                    nccl::ncclSend(
-                        ptr as *const _,
-                        bytes,
-                        nccl::ncclDataType_t::ncclUint8,
-                        peer,
-                        self.comm,
-                        cs,
-                    )
-                }
-            } else {
-                unsafe {
-                    nccl::ncclRecv(
-                        ptr as *mut _,
-                        bytes,
-                        nccl::ncclDataType_t::ncclUint8,
-                        peer,
-                        self.comm,
-                        cs,
-                    )
-                }
-            };
-            if let Err(e) = self.check(r, if send { "ncclSend" } else { "ncclRecv" }) {
-                first_err.get_or_insert(e);
-            }
-        }
-        let end = self.check(unsafe { nccl::ncclGroupEnd() }, "ncclGroupEnd");
-        match first_err {
-            Some(e) => Err(e),
-            None => end,
-        }
+        // SAFETY: every range was checked against its buffer and every peer against the world.
+        unsafe { self.grouped_send_recv(checked, &self.stream) }
     }
 }
 
