@@ -394,12 +394,7 @@ impl CommKernels {
         id: usize,
         value: u64,
     ) -> Result<()> {
-        let p = pad.peer_ptr(peer, id)?;
-        let mut b = stream.launch_builder(&self.signal_set);
-        b.arg(&p).arg(&value);
-        // SAFETY: `p` is a mapped signal word; signature (u64*, u64).
-        unsafe { b.launch(cfg(1, 32)) }?;
-        Ok(())
+        self.signal_op(&self.signal_set, stream, pad, peer, id, value)
     }
 
     /// Queues a release-add of `value` to `peer`'s signal `id`.
@@ -411,10 +406,24 @@ impl CommKernels {
         id: usize,
         value: u64,
     ) -> Result<()> {
+        self.signal_op(&self.signal_add, stream, pad, peer, id, value)
+    }
+
+    /// Queues `f` (`comet_signal_set_kernel` or `comet_signal_add_kernel`) on `peer`'s
+    /// signal `id` with `value`.
+    fn signal_op(
+        &self,
+        f: &CudaFunction,
+        stream: &CudaStream,
+        pad: &SignalPad,
+        peer: usize,
+        id: usize,
+        value: u64,
+    ) -> Result<()> {
         let p = pad.peer_ptr(peer, id)?;
-        let mut b = stream.launch_builder(&self.signal_add);
+        let mut b = stream.launch_builder(f);
         b.arg(&p).arg(&value);
-        // SAFETY: `p` is a mapped signal word; signature (u64*, u64).
+        // SAFETY: `p` is a mapped signal word; both kernels' signature is (u64*, u64).
         unsafe { b.launch(cfg(1, 32)) }?;
         Ok(())
     }
