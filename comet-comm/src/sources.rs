@@ -52,6 +52,24 @@ mod tests {
         assert_eq!(p.headers[0].1, SIGNAL_HEADER);
     }
 
+    /// Fills the on-disk kernel cache (`COMET_CACHE_DIR`) with the sm_90a cubins of this
+    /// crate's programs as its GPU tests name them, so a GPU host with the same NVRTC
+    /// version and include path loads them instead of compiling.
+    #[test]
+    #[ignore = "needs NVRTC and the CUDA headers; writes COMET_CACHE_DIR"]
+    fn warm_the_kernel_cache() {
+        let cache = KernelCache::new(comet_kernels::cache::default_cache_dir());
+        let selftest = program(
+            "comet_comm_selftest.cu",
+            include_str!("../cuda/selftest.cu"),
+        );
+        for p in [p2p_program(), selftest] {
+            let (key, _) = cache.cubin(&p, &Defines::new(), Arch::SM90).unwrap();
+            let dir = cache.dir().expect("a cache directory");
+            assert!(dir.join(format!("{key}.cubin")).is_file(), "{}", p.name);
+        }
+    }
+
     /// Compiles the real sources when NVRTC is installed (no GPU needed).
     #[test]
     #[ignore = "needs NVRTC (libnvrtc.so.13 on LD_LIBRARY_PATH)"]

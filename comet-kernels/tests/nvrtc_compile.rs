@@ -7,7 +7,7 @@
 use comet_kernels::buffer::DType;
 use comet_kernels::cache::{Arch, Defines, KernelCache, Program};
 use comet_kernels::gemm::{self, Epilogue, GemmDesc, GemmKind, Meta, TileShape};
-use comet_kernels::sources;
+use comet_kernels::{sm90, sources};
 
 fn compile(cache: &KernelCache, program: &Program, defines: &Defines, arch: Arch, tag: &str) {
     let (key, cubin) = cache
@@ -206,6 +206,25 @@ fn sm90_variants() -> Vec<(Program, Defines, String)> {
         Defines::new(),
         "init".into(),
     ));
+    // The Hopper engine: every named configuration, with and without the L2 hint (what
+    // `Sm90Config::choose` and the sm90 tests pick), for every (kind, epilogue) it takes.
+    for (name, cfg) in sm90::Sm90Config::ALL {
+        for l2_hint in [false, true] {
+            let cfg = sm90::Sm90Config { l2_hint, ..cfg };
+            for (kind, epi) in kinds {
+                if cfg.validate(kind, epi).is_err() {
+                    continue;
+                }
+                for f16 in [false, true] {
+                    v.push((
+                        sm90::program(),
+                        cfg.defines(kind, epi, f16, f16),
+                        format!("sm90-{name}-hint{l2_hint}-{kind:?}-{epi:?}-f16{f16}"),
+                    ));
+                }
+            }
+        }
+    }
     v
 }
 
