@@ -13,7 +13,8 @@
 # machine). If less than FORWARD_FULL_S seconds (default 80) are left when gpu_forward starts,
 # its two largest presets (DeepSeek-V3, Mixtral) are skipped, and the summary says so.
 #
-# Writes to $OUT (default ./out-final), 3 files: summary.txt (the table, also printed last),
+# Writes to $OUT (default ./out-final), 3 files: summary.txt (the table, one line per step as
+# it finishes, also printed last),
 # cache.txt (cubins in the cache before/after: new ones were compiled here, i.e. cache misses),
 # logs.tar.gz (every step's test log, run.sh output and environment report).
 #
@@ -41,7 +42,8 @@ LIMIT="${LIMIT:-230}"
 FORWARD_FULL_S="${FORWARD_FULL_S:-80}"
 mkdir -p "$OUT"
 W="$(mktemp -d "${TMPDIR:-/tmp}/comet-final.XXXXXX")"
-SUMMARY="$W/summary.txt"
+# Written as the steps finish, so a run cut short still leaves its table.
+SUMMARY="$OUT/summary.txt"
 CACHE="${COMET_CACHE_DIR:-$G/cache}"
 export COMET_CACHE_DIR="$CACHE"
 mkdir -p "$CACHE"
@@ -131,7 +133,6 @@ new=$(comm -13 "$W/cache-before.txt" "$W/cache-after.txt" | wc -l)
     echo "total ${SECONDS}s; cache: $new cubin(s) compiled here (cache.txt)"
     if ((FAILED)); then echo "== SOME STEPS FAILED"; else echo "== ALL STEPS OK"; fi
 } >>"$SUMMARY"
-cp "$SUMMARY" "$OUT/summary.txt"
 tar czf "$OUT/logs.tar.gz" -C "$W" . 2>/dev/null
 rm -rf "$W"
 echo
