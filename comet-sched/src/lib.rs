@@ -5,6 +5,7 @@
 pub mod counts;
 mod error;
 pub mod layer0;
+pub mod layer1;
 pub mod tile;
 
 #[cfg(test)]
