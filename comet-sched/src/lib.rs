@@ -4,6 +4,7 @@
 
 pub mod counts;
 mod error;
+pub mod exec;
 pub mod layer0;
 pub mod layer1;
 pub mod tile;
