@@ -379,7 +379,7 @@ impl Layer0Schedule {
         self.seg_offsets.last().copied().unwrap_or(0)
     }
 
-    /// Receive rows of local expert `l`.
+    /// Receive rows of local expert `l` (panics if `l ≥ L`, like a slice index).
     pub fn expert_rows(&self, l: usize) -> Range<usize> {
         self.seg_offsets[l * self.world]..self.seg_offsets[(l + 1) * self.world]
     }
@@ -390,7 +390,8 @@ impl Layer0Schedule {
     }
 
     /// Indices (into [`Layer0Schedule::m_tiles`]) of the m-tiles that flag `f` feeds: those
-    /// whose rows overlap its chunk (contiguous; empty for an empty chunk).
+    /// whose rows overlap its chunk (contiguous; empty for an empty chunk). Panics if `f` is
+    /// not a flag of the schedule, like a slice index.
     pub fn flag_tiles(&self, f: u32) -> Range<usize> {
         let c = &self.flags[f as usize];
         if c.rows.is_empty() {
@@ -432,6 +433,21 @@ impl Layer0Schedule {
     /// # Errors
     /// [`Error::OutOfRange`] naming the tile and the index.
     pub fn check_indices(&self) -> Result<()> {
+        let shaped = self.seg_offsets.len() == self.local * self.world + 1
+            && self.seg_offsets.windows(2).all(|p| p[0] <= p[1])
+            && self.m_tile_base.len() == self.local + 1
+            && self.m_tile_base.windows(2).all(|p| p[0] <= p[1])
+            && self.m_tile_base.last() == Some(&self.m_tiles.len());
+        if !shaped {
+            return Err(Error::Invariant(format!(
+                "segment offsets ({} entries) or m-tile bases ({} entries) do not fit {} experts x {} ranks and {} m-tiles",
+                self.seg_offsets.len(),
+                self.m_tile_base.len(),
+                self.local,
+                self.world,
+                self.m_tiles.len()
+            )));
+        }
         let recv = self.recv_rows();
         let nt = self.options.tile.n_tiles();
         for (k, t) in self.tiles.iter().enumerate() {

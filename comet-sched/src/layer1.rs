@@ -231,9 +231,10 @@ impl Layer1Schedule {
             .collect()
     }
 
-    /// The column group of n-tile `n`.
+    /// The column group of n-tile `n` (for a schedule whose group width is a multiple of
+    /// `bn`, as [`Layer1Schedule::check_indices`] verifies).
     pub fn group_of(&self, n_tile: usize) -> usize {
-        n_tile / (self.group_width / self.options.tile.bn())
+        n_tile / (self.group_width / self.options.tile.bn()).max(1)
     }
 
     /// The engine's canonical id space for this schedule's tiles.
@@ -264,6 +265,22 @@ impl Layer1Schedule {
     /// # Errors
     /// [`Error::OutOfRange`] naming the tile or group.
     pub fn check_indices(&self) -> Result<()> {
+        let bn = self.options.tile.bn();
+        if self.group_width == 0 || self.group_width % bn != 0 {
+            return Err(Error::NotMultiple {
+                what: "column group width of the schedule",
+                value: self.group_width,
+                multiple_of: bn,
+            });
+        }
+        if self.expert_offsets.len() != self.local + 1
+            || self.expert_offsets.windows(2).any(|p| p[0] > p[1])
+        {
+            return Err(Error::Invariant(format!(
+                "expert offsets {:?} are not {} + 1 non-decreasing values",
+                self.expert_offsets, self.local
+            )));
+        }
         let (nt, rows) = (self.options.tile.n_tiles(), self.recv_rows());
         for (k, t) in self.tiles.iter().enumerate() {
             for (what, index, len) in [
@@ -282,6 +299,13 @@ impl Layer1Schedule {
             }
         }
         for (s, g) in self.groups.iter().enumerate() {
+            if g.slots.end > self.tiles.len() || g.slots.start > g.slots.end {
+                return Err(Error::OutOfRange {
+                    what: format!("last slot of group {s}"),
+                    index: g.slots.end.saturating_sub(1),
+                    len: self.tiles.len(),
+                });
+            }
             if g.cols.end > self.options.tile.n() || g.cols.start > g.cols.end {
                 return Err(Error::OutOfRange {
                     what: format!("last column of group {s}"),

@@ -42,7 +42,8 @@ impl SharedBuf {
 
 /// Deadline and abort flag shared by every wait of one run.
 pub(crate) struct Waits {
-    deadline: Instant,
+    /// `None`: the timeout is too long to represent (never expires).
+    deadline: Option<Instant>,
     timeout: Duration,
     abort: AtomicBool,
 }
@@ -50,7 +51,7 @@ pub(crate) struct Waits {
 impl Waits {
     pub(crate) fn new(timeout: Duration) -> Self {
         Waits {
-            deadline: Instant::now() + timeout,
+            deadline: Instant::now().checked_add(timeout),
             timeout,
             abort: AtomicBool::new(false),
         }
@@ -80,10 +81,14 @@ impl Waits {
                 waited_ms: 0,
             });
         }
-        if Instant::now() > self.deadline + grace {
+        let late = self
+            .deadline
+            .and_then(|d| d.checked_add(grace))
+            .is_some_and(|d| Instant::now() > d);
+        if late {
             return Err(Error::Timeout {
                 what: what(),
-                waited_ms: (self.timeout + grace).as_millis(),
+                waited_ms: self.timeout.saturating_add(grace).as_millis(),
             });
         }
         *spins += 1;
