@@ -264,3 +264,29 @@ fn bad_simulations_are_errors() {
     ));
     simulate_layer1(&s1, &reduce[0], &work, 1, &m).unwrap();
 }
+
+/// Chunks release the first rows of a big segment early: less GEMM stall than one flag per
+/// segment, whatever the number of communication blocks.
+#[test]
+fn chunks_release_big_segments_early() {
+    let m = model();
+    let counts = Counts::new(4, 8, vec![1024; 32]).unwrap();
+    let sched = |chunking| {
+        let o = Layer0Options {
+            tile: TileShape::new(128, 128, F).unwrap(),
+            chunking,
+            n_order: NOrder::Together,
+        };
+        Layer0Schedule::from_counts(&counts, 3, o).unwrap()
+    };
+    let (seg, rows) = (sched(Chunking::Segment), sched(Chunking::Rows(128)));
+    for n in [0, 4, 16] {
+        let a = simulate_layer0(&seg, &WORK0, n, &m).unwrap();
+        let b = simulate_layer0(&rows, &WORK0, n, &m).unwrap();
+        assert!(
+            b.gemm_stall_us < a.gemm_stall_us,
+            "n_comm {n}: {b:?} vs {a:?}"
+        );
+        assert!(b.total_us <= a.total_us, "n_comm {n}");
+    }
+}
