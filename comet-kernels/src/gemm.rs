@@ -467,6 +467,7 @@ pub struct GemmArgs<'a> {
     tile: Option<TileShape>,
     tile_list: Option<TileList<'a>>,
     engine: Engine,
+    max_blocks: Option<usize>,
 }
 
 impl<'a> GemmArgs<'a> {
@@ -490,6 +491,7 @@ impl<'a> GemmArgs<'a> {
             tile: None,
             tile_list: None,
             engine: Engine::Auto,
+            max_blocks: None,
         }
     }
     /// `c[rows, N'] = x_rows[rows, K] · w[g][N, K]ᵀ` for the rows of each group.
@@ -554,6 +556,15 @@ impl<'a> GemmArgs<'a> {
         self.engine = engine;
         self
     }
+    /// Launch at most `n` blocks (default: every block that fits on the device). The grid
+    /// is persistent, so fewer blocks compute the same tiles (bit for bit) more slowly, and
+    /// leave SMs to kernels on other streams (e.g. NCCL's). `n = 0` is an error. On the
+    /// Hopper engine the cap is applied by [`sm90::Sm90Gemm::within_ctas`]: whole clusters
+    /// within `n`, or single CTAs when `n` is below one cluster.
+    pub fn max_blocks(mut self, n: usize) -> Self {
+        self.max_blocks = Some(n);
+        self
+    }
 
     /// The Hopper form of this GEMM, where [`Engine::Auto`] may hand it to [`crate::sm90`]:
     /// only options that engine implements, and expert offsets present.
@@ -610,8 +621,17 @@ fn kernel(gpu: &Gpu, plan: &GemmPlan) -> Result<CudaFunction> {
     gpu.function(&program(), &plan.defines, KERNEL_NAME)
 }
 
+/// A block cap is at least 1.
+fn check_max_blocks(cap: Option<usize>) -> Result<()> {
+    if cap == Some(0) {
+        return Err(Error::limit("max_blocks (blocks of the grid)", 0, ">= 1"));
+    }
+    Ok(())
+}
+
 /// Runs a grouped GEMM on `gpu`'s stream (asynchronous; no host synchronisation).
 pub fn grouped_gemm(gpu: &Gpu, args: GemmArgs<'_>) -> Result<()> {
+    check_max_blocks(args.max_blocks)?;
     if gpu.arch() == Arch::SM90 && args.hopper_form() {
         if let Some(offsets) = args.offsets {
             let ops = HopperOperands {
@@ -621,6 +641,7 @@ pub fn grouped_gemm(gpu: &Gpu, args: GemmArgs<'_>) -> Result<()> {
                 offsets,
                 epilogue: args.epilogue,
                 row_scale: args.row_scale,
+                max_blocks: args.max_blocks,
             };
             if sm90::supports(&ops.gemm(&mut *args.c).desc(), gpu.smem_optin() as usize) {
                 return sm90::grouped_gemm(gpu, ops.gemm(args.c));
@@ -638,6 +659,7 @@ struct HopperOperands<'b> {
     offsets: &'b DeviceTensor,
     epilogue: Epilogue,
     row_scale: Option<&'b DeviceTensor>,
+    max_blocks: Option<usize>,
 }
 
 impl<'b> HopperOperands<'b> {
@@ -652,8 +674,12 @@ impl<'b> HopperOperands<'b> {
             GemmKind::Wgrad => sm90::Sm90Gemm::wgrad(self.a, self.b, self.offsets, c),
         }
         .epilogue(self.epilogue);
-        match self.row_scale {
+        let g = match self.row_scale {
             Some(scale) => g.row_scale(scale),
+            None => g,
+        };
+        match self.max_blocks {
+            Some(cap) => g.within_ctas(cap),
             None => g,
         }
     }
@@ -743,7 +769,9 @@ fn portable(gpu: &Gpu, args: GemmArgs<'_>) -> Result<()> {
             "tile shape {tile:?} cannot be resident on this device"
         )));
     }
-    let grid = (gpu.sm_count() as usize * per_sm as usize).min(plan.max_tiles);
+    let grid = (gpu.sm_count() as usize * per_sm as usize)
+        .min(plan.max_tiles)
+        .min(args.max_blocks.unwrap_or(usize::MAX));
     let _span = tracing::trace_span!("grouped_gemm", kind = ?desc.kind, groups = plan.groups, n = plan.n, grid).entered();
     // SAFETY: `GemmParams` mirrors the kernel's parameter struct field by field; `plan`
     // checked every operand's dtype and shape against the sizes the kernel uses, and the kernel
@@ -978,6 +1006,15 @@ mod tests {
             (p.groups, p.n, p.k, p.b_group_stride),
             (1, 256, 7168, 256 * 7168)
         );
+    }
+
+    #[test]
+    fn block_caps_are_validated() {
+        let e = check_max_blocks(Some(0)).unwrap_err();
+        assert!(matches!(e, Error::Limit { value: 0, .. }), "{e}");
+        assert!(e.to_string().contains("max_blocks"), "{e}");
+        check_max_blocks(Some(1)).unwrap();
+        check_max_blocks(None).unwrap();
     }
 
     #[test]

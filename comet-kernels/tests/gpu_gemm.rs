@@ -758,3 +758,93 @@ fn small_layouts_for_sanitizers() {
         );
     }
 }
+
+/// A grid capped at `max_blocks` blocks computes the same output, bit for bit, as the full
+/// grid (the schedule is persistent: fewer blocks walk more tiles each, every tile reduces in
+/// the same order), on the portable engine and on `Engine::Auto` (the Hopper engine on
+/// sm_90, through `within_ctas`: odd caps and caps below one cluster); `max_blocks(0)` is an
+/// error before any launch. The uncapped forward is also checked against an f64 reference.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn capped_grid_matches_the_full_grid() {
+    use comet_kernels::gemm::Engine;
+    let gpu = gpu();
+    let seed = fresh_seed("capped grid");
+    let counts = [0usize, 1, 130, 64, 257, 40];
+    let (g, rows) = (counts.len(), counts.iter().sum::<usize>());
+    let cap = rows + 9;
+    let (n, k) = (264usize, 200usize);
+    let a = random_vec(cap * k, 1.0, DType::BF16, seed);
+    let w = random_vec(g * n * k, 1.0 / (k as f32).sqrt(), DType::BF16, seed + 1);
+    let dy = random_vec(cap * n, 1.0, DType::BF16, seed + 2);
+    let c0 = random_vec(g * n * k, 1.0, DType::F32, seed + 3);
+    let a_d = upload(&gpu, DType::BF16, &[cap, k], &a);
+    let w_d = upload(&gpu, DType::BF16, &[g, n, k], &w);
+    let dy_d = upload(&gpu, DType::BF16, &[cap, n], &dy);
+    let off_d = upload_i32(&gpu, &[g + 1], &offsets_of(&counts));
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+
+    // Output bits of one GEMM: 0 = forward, 1 = dgrad, 2 = wgrad (f32, accumulate).
+    let run = |which: usize, engine: Engine, max_blocks: Option<usize>| -> Vec<f32> {
+        let mut c_d = match which {
+            0 => poisoned(&gpu, DType::BF16, &[cap, n]),
+            1 => poisoned(&gpu, DType::BF16, &[cap, k]),
+            _ => upload(&gpu, DType::F32, &[g, n, k], &c0),
+        };
+        let args = match which {
+            0 => GemmArgs::forward(&a_d, &w_d, Some(&off_d), &mut c_d),
+            1 => GemmArgs::dgrad(&dy_d, &w_d, Some(&off_d), &mut c_d),
+            _ => GemmArgs::wgrad(&dy_d, &a_d, Some(&off_d), &mut c_d).accumulate(true),
+        }
+        .engine(engine);
+        let args = match max_blocks {
+            Some(m) => args.max_blocks(m),
+            None => args,
+        };
+        grouped_gemm(&gpu, args).expect("grouped_gemm");
+        download(&gpu, &c_d)
+    };
+
+    for engine in [Engine::Portable, Engine::Auto] {
+        for which in 0..3 {
+            let full = run(which, engine, None);
+            let valid = if which == 2 {
+                g * n * k
+            } else {
+                rows * full.len() / cap
+            };
+            assert!(
+                full[..valid].iter().all(|v| v.is_finite()),
+                "{engine:?} GEMM {which}: non-finite output of the full grid"
+            );
+            if which == 0 {
+                let a64 = arr(&a, cap, k);
+                let mut want = Vec::with_capacity(rows * n);
+                let mut r0 = 0;
+                for (gi, &cnt) in counts.iter().enumerate() {
+                    let wg = arr(&w[gi * n * k..(gi + 1) * n * k], n, k);
+                    want.extend(matmul_nt(a64.slice(s![r0..r0 + cnt, ..]), wg.view()).iter());
+                    r0 += cnt;
+                }
+                check_close("capped grid: full-grid forward", &full[..valid], &want, TOL);
+            }
+            for m in [1usize, 2, 3, 13] {
+                let capped = run(which, engine, Some(m));
+                assert!(
+                    bits(&capped) == bits(&full),
+                    "{engine:?} GEMM {which}: max_blocks {m} differs from the full grid"
+                );
+            }
+        }
+    }
+    let mut c_d = poisoned(&gpu, DType::BF16, &[cap, n]);
+    let err = grouped_gemm(
+        &gpu,
+        GemmArgs::forward(&a_d, &w_d, Some(&off_d), &mut c_d).max_blocks(0),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(err, comet_kernels::Error::Limit { value: 0, .. }),
+        "{err}"
+    );
+}

@@ -352,6 +352,7 @@ mod tests {
             tile_order: None,
             error_flag: None,
             config: Sm90Config::choose(g.kind, g.epi, l, rows),
+            max_ctas: None,
         }
     }
 

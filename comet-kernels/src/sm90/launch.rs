@@ -93,6 +93,10 @@ pub struct Sm90Desc {
     pub error_flag: Option<Meta>,
     /// Engine configuration.
     pub config: Sm90Config,
+    /// Most CTAs the persistent grid may have (`None`: one per SM, or as many clusters as
+    /// are resident). At least 1 and a multiple of the cluster size; a smaller grid leaves
+    /// SMs free for kernels on other streams (e.g. NCCL's), at the cost of GEMM throughput.
+    pub max_ctas: Option<u32>,
 }
 
 /// A validated launch: sizes, tensor-map shapes and the NVRTC specialisation.
@@ -237,6 +241,9 @@ pub fn plan(d: &Sm90Desc, smem_optin: usize) -> Result<Sm90Plan> {
             ));
         }
     }
+    if let Some(cap) = d.max_ctas {
+        check_max_ctas(cap, d.config.cluster)?;
+    }
     let smem_bytes = d.config.smem_bytes(groups);
     if smem_bytes > smem_optin {
         return Err(Error::limit(
@@ -259,6 +266,22 @@ pub fn plan(d: &Sm90Desc, smem_optin: usize) -> Result<Sm90Plan> {
         b_map,
         defines: d.config.defines(d.kind, d.epilogue, f16, f16),
     })
+}
+
+/// A CTA cap is at least 1 and a whole number of clusters.
+fn check_max_ctas(cap: u32, cluster: u32) -> Result<()> {
+    if cap == 0 {
+        return Err(Error::limit("max_ctas (CTAs of the grid)", 0, ">= 1"));
+    }
+    if cap % cluster != 0 {
+        return Err(Error::Alignment {
+            what: "max_ctas (CTAs of the grid)".into(),
+            value: cap as usize,
+            multiple: cluster as usize,
+            why: "the grid holds whole clusters",
+        });
+    }
+    Ok(())
 }
 
 /// Whether the Hopper engine can run this GEMM on a device with `smem_optin` bytes of
@@ -331,6 +354,7 @@ pub struct Sm90Gemm<'a> {
     tile_order: Option<&'a DeviceTensor>,
     error_flag: Option<&'a mut DeviceTensor>,
     config: Option<Sm90Config>,
+    max_ctas: Option<u32>,
 }
 
 impl<'a> Sm90Gemm<'a> {
@@ -352,6 +376,7 @@ impl<'a> Sm90Gemm<'a> {
             tile_order: None,
             error_flag: None,
             config: None,
+            max_ctas: None,
         }
     }
     /// `c[rows, N'] = x_rows[rows, K] · w[g][N, K]ᵀ` for the rows of each expert `g`.
@@ -407,15 +432,38 @@ impl<'a> Sm90Gemm<'a> {
         self.config = Some(c);
         self
     }
+    /// Launch at most `n` CTAs (default: one per SM, or every resident cluster). [`plan`]
+    /// rejects 0 and a count that is not a multiple of the cluster size; see
+    /// [`Sm90Gemm::within_ctas`] for a cap that adapts to the configuration.
+    pub fn max_ctas(mut self, n: u32) -> Self {
+        self.max_ctas = Some(n);
+        self
+    }
+    /// Launch at most `cap` CTAs whatever the configuration: the largest whole number of
+    /// clusters within `cap`, or, when `cap` is below one cluster, the same configuration on
+    /// single CTAs (`cluster = 1`) with `cap` CTAs. `cap = 0` is kept as is ([`plan`] rejects
+    /// it). For callers that think in SMs (leave `SMs − cap` free for other streams).
+    pub fn within_ctas(self, cap: usize) -> Self {
+        let config = self.chosen_config();
+        let cap = u32::try_from(cap).unwrap_or(u32::MAX);
+        let (config, n) = ctas_within(config, cap);
+        self.config(config).max_ctas(n)
+    }
 
-    /// The operand description (what [`plan`] validates).
-    pub fn desc(&self) -> Sm90Desc {
+    /// The configuration this GEMM runs with (explicit or [`Sm90Config::choose`]'s).
+    fn chosen_config(&self) -> Sm90Config {
         let groups = self
             .offsets
             .shape()
             .first()
             .map_or(0, |n| n.saturating_sub(1));
         let rows = self.a.shape().first().copied().unwrap_or(0);
+        self.config
+            .unwrap_or_else(|| Sm90Config::choose(self.kind, self.epilogue, groups, rows))
+    }
+
+    /// The operand description (what [`plan`] validates).
+    pub fn desc(&self) -> Sm90Desc {
         Sm90Desc {
             kind: self.kind,
             a: Meta::of(self.a),
@@ -426,10 +474,26 @@ impl<'a> Sm90Gemm<'a> {
             row_scale: self.row_scale.map(Meta::of),
             tile_order: self.tile_order.map(Meta::of),
             error_flag: self.error_flag.as_deref().map(Meta::of),
-            config: self
-                .config
-                .unwrap_or_else(|| Sm90Config::choose(self.kind, self.epilogue, groups, rows)),
+            config: self.chosen_config(),
+            max_ctas: self.max_ctas,
         }
+    }
+}
+
+/// The configuration and CTA count of a grid capped at `cap` CTAs (see
+/// [`Sm90Gemm::within_ctas`]).
+fn ctas_within(config: Sm90Config, cap: u32) -> (Sm90Config, u32) {
+    let cluster = config.cluster.max(1);
+    if cap == 0 || cap >= cluster {
+        (config, cap - cap % cluster)
+    } else {
+        (
+            Sm90Config {
+                cluster: 1,
+                ..config
+            },
+            cap,
+        )
     }
 }
 
@@ -521,7 +585,8 @@ pub fn grouped_gemm(gpu: &Gpu, g: Sm90Gemm<'_>) -> Result<()> {
         attrs: &mut attr,
         numAttrs: 1,
     };
-    // Persistent grid: one CTA per SM, or as many 2-CTA clusters as can be resident.
+    // Persistent grid: one CTA per SM, or as many 2-CTA clusters as can be resident, capped
+    // by `max_ctas`.
     if cluster > 1 {
         let mut clusters: i32 = 0;
         // SAFETY: `cfg` and its attribute outlive the call; `f` is a loaded function.
@@ -533,6 +598,10 @@ pub fn grouped_gemm(gpu: &Gpu, g: Sm90Gemm<'_>) -> Result<()> {
             )));
         }
         cfg.gridDimX = clusters as u32 * cluster;
+    }
+    if let Some(cap) = desc.max_ctas {
+        // A multiple of the cluster size (checked by `plan`): the grid stays whole clusters.
+        cfg.gridDimX = cfg.gridDimX.min(cap);
     }
     let _span = tracing::trace_span!(
         "sm90_grouped_gemm",
@@ -580,6 +649,7 @@ mod tests {
             tile_order: None,
             error_flag: None,
             config: Sm90Config::COOP_256,
+            max_ctas: None,
         }
     }
     const OPTIN: usize = 232_448;
@@ -646,6 +716,7 @@ mod tests {
             tile_order: None,
             error_flag: None,
             config: Sm90Config::COOP_256,
+            max_ctas: None,
         };
         let p = plan(&w, OPTIN).unwrap();
         assert_eq!((p.m_out, p.n_out), (2048, 4096));
@@ -699,6 +770,51 @@ mod tests {
             OPTIN
         ));
         assert!(supports(&fwd(&[10, 64], &[2, 64, 64], &[10, 64], 2), OPTIN));
+    }
+
+    #[test]
+    fn cta_caps_are_validated() {
+        let mut d = fwd(&[10, 64], &[2, 64, 64], &[10, 64], 2);
+        d.max_ctas = Some(0);
+        let e = plan(&d, OPTIN).unwrap_err();
+        assert!(matches!(e, Error::Limit { value: 0, .. }), "{e}");
+        d.max_ctas = Some(1);
+        plan(&d, OPTIN).unwrap();
+        d.config = Sm90Config::COOP_256_C2;
+        let e = plan(&d, OPTIN).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::Alignment {
+                    value: 1,
+                    multiple: 2,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains("max_ctas"), "{e}");
+        d.max_ctas = Some(116);
+        plan(&d, OPTIN).unwrap();
+        // A cap in SMs: whole clusters within it, or single CTAs below one cluster.
+        let c2 = Sm90Config::COOP_256_C2;
+        assert_eq!(ctas_within(c2, 132), (c2, 132));
+        assert_eq!(ctas_within(c2, 117), (c2, 116));
+        let (c, n) = ctas_within(c2, 1);
+        assert_eq!((c.cluster, c.l2_hint, c.bn, n), (1, c2.l2_hint, c2.bn, 1));
+        assert_eq!(ctas_within(c2, 0), (c2, 0));
+        let c1 = Sm90Config::PINGPONG_128;
+        assert_eq!(ctas_within(c1, 7), (c1, 7));
+        for cap in 0..300u32 {
+            for cfg in [c1, c2] {
+                let (c, n) = ctas_within(cfg, cap);
+                assert!(n <= cap);
+                assert_eq!(n == 0, cap == 0);
+                if n > 0 {
+                    check_max_ctas(n, c.cluster).unwrap();
+                }
+            }
+        }
     }
 
     #[test]

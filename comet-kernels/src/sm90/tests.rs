@@ -27,6 +27,8 @@ struct Case {
     reversed: bool,
     f16: bool,
     config: Sm90Config,
+    /// Cap on the grid's CTAs.
+    max_ctas: Option<u32>,
 }
 
 impl Case {
@@ -41,6 +43,7 @@ impl Case {
             reversed: false,
             f16: false,
             config: Sm90Config::COOP_256,
+            max_ctas: None,
         }
     }
     fn with(mut self, f: impl FnOnce(&mut Case)) -> Self {
@@ -111,6 +114,11 @@ fn tile_count(c: &Case) -> usize {
 
 /// Runs `c` on the GPU and checks it against an f64 reference; returns the relative L2 error.
 fn check(gpu: &Gpu, c: &Case, seed: u64) -> f64 {
+    run_checked(gpu, c, seed).0
+}
+
+/// [`check`], also returning the bits of the whole output (guard rows included).
+fn run_checked(gpu: &Gpu, c: &Case, seed: u64) -> (f64, Vec<u16>) {
     let mut rng = StdRng::seed_from_u64(seed);
     let g = c.counts.len();
     let rows = c.rows();
@@ -225,6 +233,7 @@ fn check(gpu: &Gpu, c: &Case, seed: u64) -> f64 {
             tile_order: None,
             error_flag: None,
             config: c.config,
+            max_ctas: None,
         };
         let max_tiles = plan(&desc_probe, gpu.smem_optin() as usize)
             .expect("plan")
@@ -258,6 +267,9 @@ fn check(gpu: &Gpu, c: &Case, seed: u64) -> f64 {
         if let Some(o) = &dorder {
             op = op.tile_order(o);
         }
+        if let Some(n) = c.max_ctas {
+            op = op.max_ctas(n);
+        }
         grouped_gemm(gpu, op).expect("launch");
     }
     gpu.synchronize().expect("kernel");
@@ -276,7 +288,7 @@ fn check(gpu: &Gpu, c: &Case, seed: u64) -> f64 {
     let got64: Vec<f64> = got[..valid].iter().map(|&v| v as f64).collect();
     let err = comet_core::numeric::rel_l2(&got64, &want);
     assert!(err <= 1e-2, "relative L2 error {err:.3e} > 1e-2");
-    err
+    (err, bits)
 }
 
 fn gpu() -> Gpu {
@@ -445,6 +457,67 @@ fn bad_offsets_are_clamped_and_reported() {
         DeviceErrorCode::from_flag(f[0]),
         Some(Ok(DeviceErrorCode::BadOffsets))
     );
+}
+
+/// A grid capped below the SM count (fewer CTAs than tiles, so each CTA walks several) gives
+/// the same output bit for bit as the uncapped grid: every tile's reduction runs in the same
+/// order whichever CTA takes it. Covers single CTAs, 2-CTA clusters (caps of whole
+/// clusters), ping-pong and wgrad, and `within_ctas` (odd caps, a cap below one cluster).
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn capped_grid_matches_the_full_grid() {
+    let gpu = gpu();
+    if !hopper(&gpu) {
+        return;
+    }
+    let cases = [
+        (GemmKind::Forward, Sm90Config::COOP_256_C2, vec![2, 6, 40]),
+        (GemmKind::Forward, Sm90Config::PINGPONG_128, vec![1, 3, 17]),
+        (GemmKind::Dgrad, Sm90Config::COOP_256_C2, vec![2, 10]),
+        (GemmKind::Wgrad, Sm90Config::COOP_256, vec![1, 5]),
+    ];
+    for (i, (kind, cfg, caps)) in cases.into_iter().enumerate() {
+        let base = Case::fwd(&RAGGED, 520, 1000).with(|c| {
+            c.kind = kind;
+            c.config = cfg;
+        });
+        let seed = 300 + i as u64;
+        let (_, full) = run_checked(&gpu, &base, seed);
+        for cap in caps {
+            let capped = base.clone().with(|c| c.max_ctas = Some(cap));
+            let (err, bits) = run_checked(&gpu, &capped, seed);
+            assert!(
+                bits == full,
+                "{kind:?} {cfg:?} max_ctas {cap}: output differs from the full grid"
+            );
+            eprintln!(
+                "{kind:?} cluster {} max_ctas {cap}: identical (rel L2 {err:.2e})",
+                cfg.cluster
+            );
+        }
+    }
+    // within_ctas: an odd cap on a clustered config (rounded down), a cap below one cluster
+    // (single CTAs); the result is again identical to the full grid.
+    let base = Case::fwd(&RAGGED, 264, 512).with(|c| c.config = Sm90Config::COOP_256_C2);
+    let (_, full) = run_checked(&gpu, &base, 310);
+    let rows: usize = base.rows() + 64;
+    for cap in [3usize, 1] {
+        let probe = Sm90Gemm::forward(
+            &DeviceTensor::zeros(&gpu, DType::BF16, &[rows, 512]).expect("a"),
+            &DeviceTensor::zeros(&gpu, DType::BF16, &[RAGGED.len(), 264, 512]).expect("w"),
+            &DeviceTensor::zeros(&gpu, DType::I32, &[RAGGED.len() + 1]).expect("offsets"),
+            &mut DeviceTensor::zeros(&gpu, DType::BF16, &[rows, 264]).expect("c"),
+        )
+        .config(Sm90Config::COOP_256_C2)
+        .within_ctas(cap)
+        .desc();
+        let capped = base.clone().with(|c| {
+            c.config = probe.config;
+            c.max_ctas = probe.max_ctas;
+        });
+        let (_, bits) = run_checked(&gpu, &capped, 310);
+        assert!(bits == full, "within_ctas({cap}): output differs");
+    }
 }
 
 /// Compiles every specialisation the launcher can ask for (NVRTC only, no GPU): checks the
