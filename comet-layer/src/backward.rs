@@ -145,7 +145,7 @@ impl<C: Borrow<Communicator>> MoeLayer<C> {
         let gpu = self.gpu.clone();
         let t = self.timer.start(&gpu)?;
         let rt = ch.recv_total;
-        let (engine, act) = (self.engine(), self.cfg.activation());
+        let (engine, act, sms) = (self.engine(), self.cfg.activation(), self.gemm_sms()?);
         let b = &self.chunks[i];
         let missing = || Error::NoForwardState {
             why: "this layer was built with training = false",
@@ -160,12 +160,12 @@ impl<C: Borrow<Communicator>> MoeLayer<C> {
             let mut da = b.da.as_ref().ok_or_else(missing)?.rows(0, rt)?;
             let mut dh = b.dh.as_ref().ok_or_else(missing)?.rows(0, rt)?;
             let [_, dw0, dw1] = grads;
-            let hop1 = gemm::dgrad(&gpu, engine, &d_out, &self.w1, offsets, &mut da)?;
-            gemm::wgrad_accumulate(&gpu, &d_out, &a, Some(offsets), dw1)?;
+            let hop1 = gemm::dgrad(&gpu, engine, &d_out, &self.w1, offsets, &mut da, sms)?;
+            gemm::wgrad_accumulate(&gpu, &d_out, &a, Some(offsets), dw1, sms)?;
             gemm::activation_backward(&gpu, act, &h, &da, &mut dh)?;
-            gemm::wgrad_accumulate(&gpu, &dh, &recv, Some(offsets), dw0)?;
+            gemm::wgrad_accumulate(&gpu, &dh, &recv, Some(offsets), dw0, sms)?;
             let mut dx_rows = b.o.rows(0, rt)?;
-            let hop0 = gemm::dgrad(&gpu, engine, &dh, &self.w0, offsets, &mut dx_rows)?;
+            let hop0 = gemm::dgrad(&gpu, engine, &dh, &self.w0, offsets, &mut dx_rows, sms)?;
             self.hopper_used |= hop0 || hop1;
         }
         self.timer.stop("bwd_experts", &gpu, t)?;
@@ -204,7 +204,8 @@ impl<C: Borrow<Communicator>> MoeLayer<C> {
                 .engine(kgemm::Engine::Portable),
         )?;
         let grads = self.grads.as_mut().ok_or_else(missing)?;
-        gemm::wgrad_accumulate(&gpu, &dlogits_elem, &x, None, &mut grads[0])?;
+        // After the join: nothing runs beside the router backward, so no SM cap.
+        gemm::wgrad_accumulate(&gpu, &dlogits_elem, &x, None, &mut grads[0], None)?;
         self.timer.stop("bwd_router", &gpu, t)?;
         Ok(())
     }

@@ -30,6 +30,16 @@ pub enum Error {
         /// What is supported.
         supported: &'static str,
     },
+    /// [`crate::LayerOptions::gemm_sm_reserve`] leaves the expert GEMMs no SM.
+    #[error(
+        "gemm_sm_reserve = {reserve} leaves no SM for the expert GEMMs (limit: fewer than the device's {sms} SMs)"
+    )]
+    SmReserve {
+        /// The reserve asked for.
+        reserve: usize,
+        /// SMs of the device.
+        sms: usize,
+    },
     /// The communicator's world size differs from the parallel configuration's.
     #[error(
         "the communicator has {communicator} ranks but the parallel config has world = {config}"

@@ -320,7 +320,7 @@ impl<C: Borrow<Communicator>> MoeLayer<C> {
         let gpu = self.gpu.clone();
         let t = self.timer.start(&gpu)?;
         let rt = ch.recv_total;
-        let (engine, act) = (self.engine(), self.cfg.activation());
+        let (engine, act, sms) = (self.engine(), self.cfg.activation(), self.gemm_sms()?);
         let b = &self.chunks[i];
         if rt > 0 {
             let offsets = &b.plan.expert_offsets;
@@ -331,12 +331,21 @@ impl<C: Borrow<Communicator>> MoeLayer<C> {
                 Some(h) => {
                     let mut h = h.rows(0, rt)?;
                     gemm::forward_keep_pre(
-                        &gpu, engine, &recv, &self.w0, offsets, &mut h, &mut a, act,
+                        &gpu, engine, &recv, &self.w0, offsets, &mut h, &mut a, act, sms,
                     )?
                 }
-                None => gemm::forward(&gpu, engine, &recv, &self.w0, offsets, &mut a, Some(act))?,
+                None => gemm::forward(
+                    &gpu,
+                    engine,
+                    &recv,
+                    &self.w0,
+                    offsets,
+                    &mut a,
+                    Some(act),
+                    sms,
+                )?,
             };
-            let hop1 = gemm::forward(&gpu, engine, &a, &self.w1, offsets, &mut o, None)?;
+            let hop1 = gemm::forward(&gpu, engine, &a, &self.w1, offsets, &mut o, None, sms)?;
             self.hopper_used |= hop0 || hop1;
         }
         self.timer.stop("experts", &gpu, t)?;

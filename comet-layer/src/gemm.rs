@@ -3,11 +3,15 @@
 //! (`comet_kernels::gemm` with `Engine::Portable`: this module makes the choice itself, so
 //! that [`GemmEngine::MmaSync`] really runs `mma.sync`). Weight gradients always run on the `mma.sync` engine, which
 //! accumulates into fp32 (the Hopper engine stores the input dtype and does not accumulate).
+//!
+//! Every expert GEMM takes `sms`: `None` runs the engine's full persistent grid; `Some(n)`
+//! caps it at `n` SMs' worth of blocks (see `LayerOptions::gemm_sm_reserve`), so kernels on
+//! the communication stream find free SMs.
 
 use comet_core::Activation;
 use comet_kernels::activation::{self, Activation as Act};
 use comet_kernels::cache::Arch;
-use comet_kernels::gemm::{self, Engine, Epilogue, GemmArgs};
+use comet_kernels::gemm::{self, Engine, Epilogue, GemmArgs, GemmKind, TileShape};
 use comet_kernels::sm90::{self, Sm90Gemm};
 use comet_kernels::{DeviceTensor, Gpu};
 
@@ -27,6 +31,42 @@ fn kernel_act(act: Activation) -> Act {
         Activation::SwiGlu => Act::SwiGlu,
         Activation::Gelu => Act::Gelu,
     }
+}
+
+/// `g` capped at `sms` SMs (whole clusters within them; see `Sm90Gemm::within_ctas`).
+fn cap_sm90(g: Sm90Gemm<'_>, sms: Option<usize>) -> Sm90Gemm<'_> {
+    match sms {
+        Some(n) => g.within_ctas(n),
+        None => g,
+    }
+}
+
+/// `args` of the portable engine capped at `sms` SMs: `sms` times the blocks per SM of the
+/// tile shape it runs (the default shape for `c`, as [`gemm::grouped_gemm`] chooses it).
+fn cap_portable<'a>(
+    gpu: &Gpu,
+    args: GemmArgs<'a>,
+    kind: GemmKind,
+    epi: Epilogue,
+    c_cols: usize,
+    sms: Option<usize>,
+) -> GemmArgs<'a> {
+    match sms {
+        Some(n) => {
+            let out_cols = if epi == Epilogue::SwiGlu {
+                2 * c_cols
+            } else {
+                c_cols
+            };
+            let tile = TileShape::choose(kind, epi, out_cols, gpu.smem_optin());
+            args.max_blocks(n * tile.min_blocks as usize)
+        }
+        None => args,
+    }
+}
+
+fn cols(t: &DeviceTensor) -> usize {
+    t.shape().last().copied().unwrap_or(0)
 }
 
 /// Whether the Hopper engine runs a GEMM described by `g` under `choice`.
@@ -52,6 +92,7 @@ fn hopper(gpu: &Gpu, choice: GemmEngine, g: &Sm90Gemm<'_>) -> Result<bool> {
 
 /// `c[rows, N'] = a[rows, K] · w[g]ᵀ` per expert, with the activation fused when `act` is
 /// given (`N' = N/2` for SwiGLU). Returns whether the Hopper engine ran it.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn forward(
     gpu: &Gpu,
     choice: GemmEngine,
@@ -60,18 +101,21 @@ pub(crate) fn forward(
     offsets: &DeviceTensor,
     c: &mut DeviceTensor,
     act: Option<Activation>,
+    sms: Option<usize>,
 ) -> Result<bool> {
     let epi = act.map_or(Epilogue::None, epilogue);
-    let g = Sm90Gemm::forward(a, w, offsets, c).epilogue(epi);
+    let c_cols = cols(c);
+    let g = cap_sm90(Sm90Gemm::forward(a, w, offsets, c).epilogue(epi), sms);
     if hopper(gpu, choice, &g)? {
         sm90::grouped_gemm(gpu, g)?;
         return Ok(true);
     }
+    let args = GemmArgs::forward(a, w, Some(offsets), c)
+        .epilogue(epi)
+        .engine(Engine::Portable);
     gemm::grouped_gemm(
         gpu,
-        GemmArgs::forward(a, w, Some(offsets), c)
-            .epilogue(epi)
-            .engine(Engine::Portable),
+        cap_portable(gpu, args, GemmKind::Forward, epi, c_cols, sms),
     )?;
     Ok(false)
 }
@@ -89,19 +133,22 @@ pub(crate) fn forward_keep_pre(
     h: &mut DeviceTensor,
     out: &mut DeviceTensor,
     act: Activation,
+    sms: Option<usize>,
 ) -> Result<bool> {
-    let g = Sm90Gemm::forward(a, w, offsets, h);
+    let g = cap_sm90(Sm90Gemm::forward(a, w, offsets, h), sms);
     if hopper(gpu, choice, &g)? {
         sm90::grouped_gemm(gpu, g)?;
         activation::activation_forward(gpu, kernel_act(act), h, out, None)?;
         return Ok(true);
     }
+    let (epi, out_cols) = (epilogue(act), cols(out));
+    let args = GemmArgs::forward(a, w, Some(offsets), out)
+        .epilogue(epi)
+        .aux(h)
+        .engine(Engine::Portable);
     gemm::grouped_gemm(
         gpu,
-        GemmArgs::forward(a, w, Some(offsets), out)
-            .epilogue(epilogue(act))
-            .aux(h)
-            .engine(Engine::Portable),
+        cap_portable(gpu, args, GemmKind::Forward, epi, out_cols, sms),
     )?;
     Ok(false)
 }
@@ -114,15 +161,18 @@ pub(crate) fn dgrad(
     w: &DeviceTensor,
     offsets: &DeviceTensor,
     c: &mut DeviceTensor,
+    sms: Option<usize>,
 ) -> Result<bool> {
-    let g = Sm90Gemm::dgrad(a, w, offsets, c);
+    let c_cols = cols(c);
+    let g = cap_sm90(Sm90Gemm::dgrad(a, w, offsets, c), sms);
     if hopper(gpu, choice, &g)? {
         sm90::grouped_gemm(gpu, g)?;
         return Ok(true);
     }
+    let args = GemmArgs::dgrad(a, w, Some(offsets), c).engine(Engine::Portable);
     gemm::grouped_gemm(
         gpu,
-        GemmArgs::dgrad(a, w, Some(offsets), c).engine(Engine::Portable),
+        cap_portable(gpu, args, GemmKind::Dgrad, Epilogue::None, c_cols, sms),
     )?;
     Ok(false)
 }
@@ -135,12 +185,15 @@ pub(crate) fn wgrad_accumulate(
     b: &DeviceTensor,
     offsets: Option<&DeviceTensor>,
     dw: &mut DeviceTensor,
+    sms: Option<usize>,
 ) -> Result<()> {
+    let c_cols = cols(dw);
+    let args = GemmArgs::wgrad(a, b, offsets, dw)
+        .accumulate(true)
+        .engine(Engine::Portable);
     gemm::grouped_gemm(
         gpu,
-        GemmArgs::wgrad(a, b, offsets, dw)
-            .accumulate(true)
-            .engine(Engine::Portable),
+        cap_portable(gpu, args, GemmKind::Wgrad, Epilogue::None, c_cols, sms),
     )?;
     Ok(())
 }

@@ -142,8 +142,8 @@ impl<C: Borrow<Communicator>> MoeLayer<C> {
     /// [`Error::Unsupported`] for `tp > 1` or an f32 layer; [`Error::WorldMismatch`] when the
     /// communicator's size is not `par.world()`; [`Error::Alignment`] unless `H` and `F` are
     /// multiples of 8 (and `E` too when training: the router-gradient GEMMs reduce over it);
-    /// [`Error::ZeroChunks`], [`Error::ZeroTokens`], [`Error::TooManyChunks`] for bad
-    /// options; [`Error::HostLength`] for host weights of the wrong size;
+    /// [`Error::ZeroChunks`], [`Error::ZeroTokens`], [`Error::TooManyChunks`],
+    /// [`Error::SmReserve`] for bad options; [`Error::HostLength`] for host weights of the wrong size;
     /// [`Error::RankMismatch`] when another rank built a different layer; kernel-limit
     /// errors (experts ≤ 1024, top-k ≤ 64); device and NCCL errors.
     pub fn new(
@@ -205,6 +205,11 @@ impl<C: Borrow<Communicator>> MoeLayer<C> {
         }
         cfg.check_rows(lay.recv_capacity())?;
         cfg.check_rows(lay.max_tokens)?;
+        // Before the collective below, like the other option checks.
+        let sms = c.context().attribute(
+            cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+        )?;
+        opts.gemm_sms(usize::try_from(sms).unwrap_or(0))?;
         let ours = format!(
             "H={h} F={f} E={e} k={k} act={} renorm={} dtype={} W={} strategy={} max_tokens={} training={} engine={}",
             cfg.activation(),
@@ -564,6 +569,11 @@ impl<C: Borrow<Communicator>> MoeLayer<C> {
 
     pub(crate) fn engine(&self) -> GemmEngine {
         self.opts.engine
+    }
+
+    /// SMs the expert GEMMs may use (`None`: all; see [`LayerOptions::gemm_sm_reserve`]).
+    pub(crate) fn gemm_sms(&self) -> Result<Option<usize>> {
+        self.opts.gemm_sms(self.gpu.sm_count() as usize)
     }
 
     /// Checks a `[M, H]` tensor of the layer's dtype; returns `M`.

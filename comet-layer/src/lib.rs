@@ -77,4 +77,4 @@ mod timing;
 
 pub use error::{Error, Result};
 pub use layer::{MoeLayer, Weights};
-pub use options::{DEFAULT_CHUNKS, GemmEngine, LayerOptions, Strategy};
+pub use options::{DEFAULT_CHUNKS, GemmEngine, LayerOptions, SUGGESTED_GEMM_SM_RESERVE, Strategy};

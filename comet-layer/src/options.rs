@@ -9,6 +9,13 @@ use crate::error::{Error, Result};
 /// Chunks of [`Strategy::Pipelined`] when a string says just `pipelined`.
 pub const DEFAULT_CHUNKS: usize = 4;
 
+/// A starting point for [`LayerOptions::gemm_sm_reserve`] on an H200 (132 SMs), not yet
+/// measured: NCCL's all-to-all-v over NVLink between 2 GPUs runs on the order of 8–16
+/// channels, one block per channel, so 16 SMs let a whole chunk's exchange run beside the
+/// GEMMs while they keep ~88% of the SMs. Sweep it with `comet-bench run
+/// --gemm-sm-reserve N` before changing the default (0).
+pub const SUGGESTED_GEMM_SM_RESERVE: usize = 16;
+
 /// How communication and computation are ordered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Strategy {
@@ -157,6 +164,13 @@ pub struct LayerOptions {
     pub training: bool,
     /// GEMM engine of the expert GEMMs.
     pub engine: GemmEngine,
+    /// SMs that the expert GEMMs of [`Strategy::Pipelined`] leave free (their persistent
+    /// grids are capped at `SMs − reserve` SMs' worth of blocks), so that the communication
+    /// stream's kernels (NCCL, permutes) run beside them instead of waiting for a GEMM to
+    /// drain. 0 (the default) = every SM, as before; [`Strategy::Sequential`] ignores it
+    /// (nothing runs beside its GEMMs). Must be below the device's SM count
+    /// ([`crate::Error::SmReserve`]). See [`SUGGESTED_GEMM_SM_RESERVE`].
+    pub gemm_sm_reserve: usize,
 }
 
 impl LayerOptions {
@@ -169,7 +183,32 @@ impl LayerOptions {
             max_tokens,
             training: true,
             engine: GemmEngine::from_env().unwrap_or(GemmEngine::Auto),
+            gemm_sm_reserve: 0,
         }
+    }
+
+    /// The same options with `sms` SMs left free by the pipelined expert GEMMs.
+    pub fn gemm_sm_reserve(mut self, sms: usize) -> Self {
+        self.gemm_sm_reserve = sms;
+        self
+    }
+
+    /// SMs the expert GEMMs may use on a device with `sm_count` SMs: `None` (all, the
+    /// engines' own grid) unless the strategy is pipelined and a reserve is set.
+    ///
+    /// # Errors
+    /// [`Error::SmReserve`] when the reserve leaves no SM.
+    pub fn gemm_sms(&self, sm_count: usize) -> Result<Option<usize>> {
+        if self.gemm_sm_reserve == 0 || self.strategy == Strategy::Sequential {
+            return Ok(None);
+        }
+        if self.gemm_sm_reserve >= sm_count {
+            return Err(Error::SmReserve {
+                reserve: self.gemm_sm_reserve,
+                sms: sm_count,
+            });
+        }
+        Ok(Some(sm_count - self.gemm_sm_reserve))
     }
 
     /// The same options with another engine.
@@ -292,5 +331,32 @@ mod tests {
                 .training(false)
                 .training
         );
+    }
+
+    #[test]
+    fn sm_reserve_applies_to_pipelined_only_and_leaves_an_sm() {
+        let pipe = LayerOptions::new(Strategy::Pipelined { chunks: 2 }, 16);
+        assert_eq!(pipe.gemm_sm_reserve, 0, "default: every SM");
+        assert_eq!(pipe.gemm_sms(132).unwrap(), None);
+        let pipe = pipe.gemm_sm_reserve(SUGGESTED_GEMM_SM_RESERVE);
+        assert_eq!(pipe.gemm_sms(132).unwrap(), Some(116));
+        assert_eq!(
+            pipe.clone().gemm_sm_reserve(131).gemm_sms(132).unwrap(),
+            Some(1)
+        );
+        let e = pipe.clone().gemm_sm_reserve(132).gemm_sms(132).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::SmReserve {
+                    reserve: 132,
+                    sms: 132
+                }
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains("132"), "{e}");
+        let seq = LayerOptions::new(Strategy::Sequential, 16).gemm_sm_reserve(500);
+        assert_eq!(seq.gemm_sms(132).unwrap(), None, "sequential ignores it");
     }
 }

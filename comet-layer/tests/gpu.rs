@@ -239,6 +239,53 @@ fn chunk_rules_1gpu(comm: &Communicator) -> Result<(), String> {
     Ok(())
 }
 
+/// `gemm_sm_reserve`: pipelined layers whose expert GEMMs leave SMs free (the suggested
+/// reserve, and all SMs but one, where every GEMM walks many tiles per block) give the
+/// reference results on both engines; a reserve of every SM is refused when the layer is
+/// built.
+fn sm_reserve(comm: &Communicator) -> Result<(), String> {
+    let cfg = shrunk(Preset::Mixtral8x7B, 16);
+    let tokens: Vec<usize> = [90, 67][..comm.world_size()].to_vec();
+    let c = Case::new("sm-reserve", cfg, &tokens, Route::Random, 6001);
+    let r = reference(&c);
+    let sms = comm.context().attribute(
+        cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+    );
+    let sms = sms.map_err(|e| format!("SM count: {e}"))? as usize;
+    for engine in [GemmEngine::Auto, GemmEngine::MmaSync] {
+        for reserve in [comet_layer::SUGGESTED_GEMM_SM_RESERVE, sms - 1] {
+            let opts = LayerOptions::new(PIPE2, 90)
+                .engine(engine)
+                .gemm_sm_reserve(reserve);
+            let mut layer = build_opts(comm, &c, &r, opts)?;
+            let line = check_rank(&mut layer, &c, &r, 1)
+                .map_err(|e| format!("{engine} reserve {reserve}: {e}"))?;
+            println!(
+                "case sm-reserve / {engine} reserve {reserve} of {sms} rank {}: {line}",
+                comm.rank()
+            );
+        }
+    }
+    let opts = LayerOptions::new(PIPE2, 90).gemm_sm_reserve(sms);
+    match build_opts(comm, &c, &r, opts) {
+        Err(e) if e.contains("gemm_sm_reserve") => Ok(()),
+        Err(e) => Err(format!("reserve of every SM: unexpected error {e}")),
+        Ok(_) => Err("a reserve of every SM was accepted".into()),
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn w1_threads_sm_reserve() {
+    in_threads(1, sm_reserve);
+}
+
+#[test]
+#[ignore = "needs 2 CUDA GPUs"]
+fn w2_threads_sm_reserve() {
+    in_threads(2, sm_reserve);
+}
+
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn w1_threads_presets() {

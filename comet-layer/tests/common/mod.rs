@@ -303,13 +303,27 @@ pub fn build<'a>(
     engine: GemmEngine,
     max_tokens: usize,
 ) -> Result<MoeLayer<&'a Communicator>, String> {
+    build_opts(
+        comm,
+        c,
+        r,
+        LayerOptions::new(strategy, max_tokens).engine(engine),
+    )
+}
+
+/// [`build`] with explicit options.
+pub fn build_opts<'a>(
+    comm: &'a Communicator,
+    c: &Case,
+    r: &Reference,
+    opts: LayerOptions,
+) -> Result<MoeLayer<&'a Communicator>, String> {
     let lw = r.w.local(comm.rank(), &r.par).map_err(|e| e.to_string())?;
     let (wr, w0, w1): (Vec<f32>, Vec<f32>, Vec<f32>) = (
         lw.wr.iter().copied().collect(),
         lw.w0.iter().copied().collect(),
         lw.w1.iter().copied().collect(),
     );
-    let opts = LayerOptions::new(strategy, max_tokens).engine(engine);
     MoeLayer::new(
         comm,
         c.cfg,
