@@ -23,7 +23,7 @@ enum Cmd {
     /// Run the CPU reference MoE forward on a preset with seeded random inputs.
     CpuReference(CpuArgs),
     /// The MoE layer benchmark on GPUs (one rank per GPU; torchrun environment or --local-gpus).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Run an interop input directory (bench/INTEROP.md) forward + backward on the GPUs.
     Check(CheckArgs),
     /// Gather rank reports: print the table, write <date>-<gpu>x<n>.json and .svg.
@@ -97,6 +97,10 @@ struct RunArgs {
     /// GEMM engine: auto (Hopper engine where it applies), mma or sm90.
     #[arg(long, default_value = "auto")]
     engine: String,
+    /// SMs the pipelined strategies' expert GEMMs leave free for the communication stream,
+    /// comma separated to sweep (one case each, labelled pipelined+rN); 0 = every SM.
+    #[arg(long, value_delimiter = ',', default_value = "0")]
+    gemm_sm_reserve: Vec<usize>,
     /// Size n of the dense n³ bf16 GEMM measured for the compute floor.
     #[arg(long, default_value_t = 8192)]
     dense_n: usize,
@@ -215,6 +219,7 @@ fn run(cli: Cli) -> comet_bench::Result<()> {
                 backward: a.backward,
                 phases: !a.no_phases,
                 engine: a.engine,
+                gemm_sm_reserve: a.gemm_sm_reserve,
                 dense_n: a.dense_n,
                 seed: a.seed,
                 local_gpus: a.local_gpus,

@@ -67,6 +67,9 @@ pub struct RunRequest {
     pub phases: bool,
     /// GEMM engine (`auto`, `mma`, `sm90`).
     pub engine: String,
+    /// SMs the pipelined strategies' expert GEMMs leave free, one case per value
+    /// (`LayerOptions::gemm_sm_reserve`; `[0]` = every SM, as before; Sequential runs once).
+    pub gemm_sm_reserve: Vec<usize>,
     /// Dense GEMM size.
     pub dense_n: usize,
     /// Seed of weights and inputs.
@@ -95,6 +98,7 @@ impl Default for RunRequest {
             backward: false,
             phases: true,
             engine: "auto".into(),
+            gemm_sm_reserve: vec![0],
             dense_n: 8192,
             seed: 0,
             local_gpus: None,
@@ -123,6 +127,8 @@ pub struct RunPlan {
     pub strategies: Vec<Strategy>,
     /// GEMM engine.
     pub engine: GemmEngine,
+    /// The (strategy, GEMM SM reserve) pairs timed per shape and token count, in order.
+    pub variants: Vec<(Strategy, usize)>,
     /// The request.
     pub req: RunRequest,
 }
@@ -141,6 +147,16 @@ pub fn strategy_label(s: Strategy) -> String {
     match s {
         Strategy::Pipelined { chunks } if chunks != DEFAULT_CHUNKS => format!("pipelined:{chunks}"),
         _ => s.name().to_string(),
+    }
+}
+
+/// The report label of a strategy whose expert GEMMs leave `reserve` SMs free:
+/// [`strategy_label`], with `+r<reserve>` when `reserve > 0` (e.g. `pipelined+r16`).
+pub fn variant_label(s: Strategy, reserve: usize) -> String {
+    if reserve == 0 {
+        strategy_label(s)
+    } else {
+        format!("{}+r{reserve}", strategy_label(s))
     }
 }
 
@@ -248,11 +264,32 @@ pub fn plan(req: &RunRequest) -> Result<RunPlan> {
         return Err(arg("--local-gpus", 0, "at least 1"));
     }
     let engine: GemmEngine = req.engine.parse()?;
+    if req.gemm_sm_reserve.is_empty() {
+        return Err(arg(
+            "--gemm-sm-reserve",
+            "(none)",
+            "at least one value (0 = every SM)",
+        ));
+    }
+    let mut variants = Vec::new();
+    for &s in &strategies {
+        match s {
+            Strategy::Sequential => variants.push((s, 0)),
+            Strategy::Pipelined { .. } => {
+                for &r in &req.gemm_sm_reserve {
+                    if !variants.contains(&(s, r)) {
+                        variants.push((s, r));
+                    }
+                }
+            }
+        }
+    }
     Ok(RunPlan {
         shapes,
         tokens: req.tokens.clone(),
         strategies,
         engine,
+        variants,
         req: req.clone(),
     })
 }
@@ -364,20 +401,21 @@ pub fn rank_main(comm: &Communicator, plan: &RunPlan) -> Result<RankReport> {
         "comet-bench run: {world} rank(s), {gpu_name}, dense bf16 GEMM {}³: {dense:.0} TFLOP/s (rank 0), engine {}",
         req.dense_n, plan.engine
     ));
-    let total = plan.shapes.len() * plan.tokens.len() * plan.strategies.len();
+    let total = plan.shapes.len() * plan.tokens.len() * plan.variants.len();
     let mut done = 0;
     let mut cases = Vec::new();
     for shape in &plan.shapes {
         for &tokens in &plan.tokens {
-            for &strategy in &plan.strategies {
-                let label = format!("{} {} {tokens}", shape.label, strategy_label(strategy));
+            for &(strategy, reserve) in &plan.variants {
+                let v = Variant { strategy, reserve };
+                let label = format!("{} {} {tokens}", shape.label, v.label());
                 let seed = req.seed ^ (0x51ed_0000 + done as u64);
-                let fwd = time_case(comm, plan, shape, par, tokens, strategy, false, seed)
+                let fwd = time_case(comm, plan, shape, par, tokens, v, false, seed)
                     .map_err(|e| annotate(e, &label, "forward"))?;
                 say(describe(&fwd));
                 cases.push(fwd);
                 if req.backward {
-                    let bwd = time_case(comm, plan, shape, par, tokens, strategy, true, seed)
+                    let bwd = time_case(comm, plan, shape, par, tokens, v, true, seed)
                         .map_err(|e| annotate(e, &label, "forward + backward"))?;
                     say(describe(&bwd));
                     cases.push(bwd);
@@ -431,6 +469,19 @@ fn describe(c: &CaseResult) -> String {
     )
 }
 
+/// A strategy and the SMs its expert GEMMs leave free.
+#[derive(Debug, Clone, Copy)]
+struct Variant {
+    strategy: Strategy,
+    reserve: usize,
+}
+
+impl Variant {
+    fn label(&self) -> String {
+        variant_label(self.strategy, self.reserve)
+    }
+}
+
 /// Times one case on this rank (see the module docs).
 #[allow(clippy::too_many_arguments)]
 fn time_case(
@@ -439,15 +490,17 @@ fn time_case(
     shape: &Shape,
     par: ParallelConfig,
     tokens: usize,
-    strategy: Strategy,
+    variant: Variant,
     backward: bool,
     seed: u64,
 ) -> Result<CaseResult> {
     let req = &plan.req;
+    let strategy = variant.strategy;
     let backward_label = if backward { "fwd+bwd" } else { "fwd" };
     let opts = LayerOptions::new(strategy, tokens)
         .engine(plan.engine)
-        .training(backward);
+        .training(backward)
+        .gemm_sm_reserve(variant.reserve);
     let mut layer = MoeLayer::new(comm, shape.cfg, par, opts, Weights::Random { seed })?;
     let rank_seed = seed ^ ((comm.rank() as u64 + 1) << 40);
     let xs = inputs(&layer, tokens, req.pool, rank_seed)?;
@@ -503,7 +556,7 @@ fn time_case(
         println!(
             "  {} / {} / {backward_label}: expert GEMMs on the {} engine",
             shape.label,
-            strategy_label(strategy),
+            variant.label(),
             if layer.used_hopper_engine() {
                 "Hopper (sm90)"
             } else {
@@ -519,7 +572,7 @@ fn time_case(
     let factor = if backward { 3.0 } else { 1.0 };
     Ok(CaseResult {
         preset: shape.label.clone(),
-        strategy: strategy_label(strategy),
+        strategy: variant.label(),
         tokens_per_rank: tokens,
         dtype: cfg.dtype().name().to_string(),
         backward,
@@ -555,6 +608,49 @@ mod tests {
         );
         assert_eq!(p.engine, GemmEngine::Auto);
         assert!(p.shapes[0].cfg.renormalize() && !p.shapes[1].cfg.renormalize());
+        assert_eq!(
+            p.variants,
+            vec![
+                (Strategy::Sequential, 0),
+                (Strategy::Pipelined { chunks: 4 }, 0)
+            ],
+            "no GEMM SM reserve by default"
+        );
+    }
+
+    #[test]
+    fn sm_reserve_sweep_multiplies_the_pipelined_cases_only() {
+        let p = plan(&RunRequest {
+            strategies: vec!["sequential".into(), "pipelined:2".into()],
+            gemm_sm_reserve: vec![0, 8, 16, 8],
+            ..Default::default()
+        })
+        .unwrap();
+        let pipe = Strategy::Pipelined { chunks: 2 };
+        assert_eq!(
+            p.variants,
+            vec![(Strategy::Sequential, 0), (pipe, 0), (pipe, 8), (pipe, 16)]
+        );
+        let labels: Vec<String> = p
+            .variants
+            .iter()
+            .map(|&(s, r)| variant_label(s, r))
+            .collect();
+        assert_eq!(
+            labels,
+            [
+                "sequential",
+                "pipelined:2",
+                "pipelined:2+r8",
+                "pipelined:2+r16"
+            ]
+        );
+        let e = plan(&RunRequest {
+            gemm_sm_reserve: vec![],
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("--gemm-sm-reserve"), "{e}");
     }
 
     #[test]
