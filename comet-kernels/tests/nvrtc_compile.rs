@@ -222,10 +222,62 @@ fn sm90_variants() -> Vec<(Program, Defines, String)> {
                         format!("sm90-{name}-hint{l2_hint}-{kind:?}-{epi:?}-f16{f16}"),
                     ));
                 }
+                // Store variants (bf16 inputs): f32 output, f32 accumulate, pre-activation.
+                for store in sm90_stores() {
+                    if store.validate(kind, epi).is_ok() {
+                        v.push((
+                            sm90::program(),
+                            cfg.defines_store(kind, epi, false, store),
+                            format!("sm90-{name}-hint{l2_hint}-{kind:?}-{epi:?}-{store:?}"),
+                        ));
+                    }
+                }
             }
         }
     }
+    // The f16 store variants the sm90 GPU tests run.
+    let [_, acc, aux] = sm90_stores();
+    let hinted = |c: sm90::Sm90Config| sm90::Sm90Config { l2_hint: true, ..c };
+    for (cfg, kind, epi, store) in [
+        (
+            hinted(sm90::Sm90Config::COOP_256),
+            GemmKind::Wgrad,
+            Epilogue::None,
+            acc,
+        ),
+        (
+            hinted(sm90::Sm90Config::COOP_256_C2),
+            GemmKind::Forward,
+            Epilogue::SwiGlu,
+            aux,
+        ),
+    ] {
+        v.push((
+            sm90::program(),
+            cfg.defines_store(kind, epi, true, store),
+            format!("sm90-{cfg:?}-{kind:?}-{epi:?}-{store:?}-f16"),
+        ));
+    }
     v
+}
+
+/// The Hopper engine's non-default stores: f32, f32 accumulate, pre-activation.
+fn sm90_stores() -> [sm90::Sm90Store; 3] {
+    let f32_out = sm90::Sm90Store {
+        f32_out: true,
+        ..Default::default()
+    };
+    [
+        f32_out,
+        sm90::Sm90Store {
+            accumulate: true,
+            ..f32_out
+        },
+        sm90::Sm90Store {
+            aux: true,
+            ..Default::default()
+        },
+    ]
 }
 
 /// Fills the on-disk cache (`COMET_CACHE_DIR`) with every sm_90a specialisation, so a GPU

@@ -2,7 +2,8 @@
 //! where the device is sm_90 and the problem fits it, else the portable `mma.sync` engine
 //! (`comet_kernels::gemm` with `Engine::Portable`: this module makes the choice itself, so
 //! that [`GemmEngine::MmaSync`] really runs `mma.sync`). Weight gradients always run on the `mma.sync` engine, which
-//! accumulates into fp32 (the Hopper engine stores the input dtype and does not accumulate).
+//! accumulates into fp32 (the Hopper engine's f32 accumulate store exists but is opt-in and
+//! not yet measured: `comet_kernels::gemm::Engine::Hopper`).
 //!
 //! Every expert GEMM takes `sms`: `None` runs the engine's full persistent grid; `Some(n)`
 //! caps it at `n` SMs' worth of blocks (see `LayerOptions::gemm_sm_reserve`), so kernels on
@@ -400,6 +401,8 @@ mod tests {
             b: Meta::new(DType::BF16, &g.b),
             offsets: Meta::new(DType::I32, &[l + 1]),
             c: Meta::new(DType::BF16, &g.c),
+            accumulate: false,
+            aux: None,
             epilogue: g.epi,
             row_scale: None,
             tile_order: None,

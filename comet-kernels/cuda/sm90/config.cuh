@@ -37,8 +37,16 @@ enum : int {
 ///            weights from DRAM once, in lock-step). Launch with cluster dimension (2, 1, 1).
 ///  L2HINT:   0 = default L2 policy for all loads; 1 = A (activations, re-read across
 ///            n-tiles) evict_last and B (weights, streamed) evict_first.
+///  OUT_F32:  the output is f32 (stored straight from the accumulator fragments with 8-byte
+///            vector stores; OUT_F16 must be false); else the input's 16-bit type.
+///  ACCUM:    out += result (OUT_F32 only); a tile with an empty reduction (wgrad: an expert
+///            without rows) leaves its output untouched.
+///  AUX:      also store the pre-activation (forward with SwiGLU or GeLU, 16-bit output) to
+///            g.aux, g.ldaux elements per row: SwiGLU gate in columns [0, n_out), up in
+///            [n_out, 2 n_out); GeLU the accumulator itself. Unscaled by row_scale.
 template <int MODE_, int BN_, bool PINGPONG_, int STAGES_, int EPI_, bool IN_F16_ = false,
-          bool OUT_F16_ = false, int BAND_ = 16, int CLUSTER_ = 1, int L2HINT_ = 0>
+          bool OUT_F16_ = false, int BAND_ = 16, int CLUSTER_ = 1, int L2HINT_ = 0,
+          bool OUT_F32_ = false, bool ACCUM_ = false, bool AUX_ = false>
 struct Config {
   static constexpr int MODE = MODE_;
   static constexpr int BM = 128;
@@ -52,6 +60,9 @@ struct Config {
   static constexpr int BAND = BAND_;
   static constexpr int CLUSTER = CLUSTER_;
   static constexpr int L2HINT = L2HINT_;
+  static constexpr bool OUT_F32 = OUT_F32_;
+  static constexpr bool ACCUM = ACCUM_;
+  static constexpr bool AUX = AUX_;
   static constexpr bool KGROUPED = MODE == MODE_WGRAD;
   static constexpr bool A_MN = MODE == MODE_WGRAD;  // A stored M-major in shared memory
   static constexpr bool B_MN = MODE != MODE_FWD;    // B stored N-major in shared memory
@@ -87,6 +98,10 @@ struct Config {
   static_assert(OUT_BN % 64 == 0, "epilogue works in 64-column chunks");
   static_assert(CLUSTER == 1 || (CLUSTER == 2 && !PINGPONG && !KGROUPED),
                 "clusters: cooperative forward/dgrad only (equal k-blocks per tile)");
+  static_assert(!OUT_F32 || !OUT_F16, "f32 output: OUT_F16 must be false");
+  static_assert(!ACCUM || OUT_F32, "accumulation needs the f32 output");
+  static_assert(!AUX || (MODE == MODE_FWD && EPI != EPI_NONE && !OUT_F32),
+                "pre-activation store: forward with an activation, 16-bit output");
 };
 
 /// Kernel argument block (mirrored by the Rust launcher: keep the layout in sync).
@@ -114,11 +129,15 @@ struct GroupedGemmArgs {
   int m_out;                   ///< wgrad: output rows per expert
   int rows_cap;                ///< rows of A / out (forward, dgrad) or of A and B (wgrad);
                                ///< device offsets are clamped to it (ERR_BAD_OFFSETS)
+  void* aux;                   ///< Config::AUX: pre-activation rows (input dtype, 16-byte
+                               ///< aligned), ldaux elements apart; else unused
+  int ldaux;                   ///< multiple of 8
+  int reserved0;
 };
 // Layout the Rust mirror (comet-kernels/src/sm90/launch.rs) relies on.
 static_assert(sizeof(TmaDesc) == 128 && alignof(TmaDesc) == 128, "TmaDesc layout");
 static_assert(sizeof(GroupedGemmArgs) == 384, "GroupedGemmArgs layout");
 // (field offsets: out 256, expert_offsets 264, row_scale 272, tile_order 280, error_flag 288,
-//  num_experts 296, n_out 300, ldo 304, k 308, m_out 312, rows_cap 316)
+//  num_experts 296, n_out 300, ldo 304, k 308, m_out 312, rows_cap 316, aux 320, ldaux 328)
 
 }  // namespace comet_sm90

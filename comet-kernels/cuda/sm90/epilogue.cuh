@@ -2,6 +2,11 @@
 // scale -> bf16/f16, staged through a padded shared-memory tile of 64 rows x 64 columns per
 // warpgroup, then written with 16-byte stores. Rows past the tile's valid rows (an expert's
 // end) and columns past n_out are never written.
+//
+// Variants (Config): OUT_F32 stores f32 straight from the accumulator fragments (each quad
+// of lanes writes 32 contiguous bytes of a row with 8-byte stores: whole sectors, no
+// staging) and, with ACCUM, adds the values already there; AUX also stores the
+// pre-activation through the same staging tile.
 #pragma once
 #include "sm90/config.cuh"
 #include "sm90/scheduler.cuh"
@@ -18,6 +23,151 @@ __device__ __forceinline__ u32 pack_out(float lo, float hi) {
   return C::OUT_F16 ? pack_f16x2(lo, hi) : pack_bf16x2(lo, hi);
 }
 
+/// The pre-activation in the input's 16-bit type.
+template <class C>
+__device__ __forceinline__ u32 pack_in(float lo, float hi) {
+  return C::IN_F16 ? pack_f16x2(lo, hi) : pack_bf16x2(lo, hi);
+}
+
+/// Staging -> global for one 64-column chunk of 16-bit values: 64 rows x 8 chunks of 16
+/// bytes, 4 per thread, a row per 8 lanes. (The main store in epilogue_store keeps its own
+/// copy of this loop: routing it through here changes the SASS of the default kernels,
+/// which are the ones measured on the H200s.) Output column gcol0 + c (c < 64) of row
+/// grow0 + r lands at base[(grow0 + r) * ld + col_offset + gcol0 + c]; rows r >= rows_blk
+/// and columns gcol0 + c >= n_out are skipped.
+template <class C>
+__device__ __forceinline__ void staged_to_global(u32 stage, char* base, int ld, int col_offset,
+                                                 int n_out, int grow0, int rows_blk, int gcol0,
+                                                 int wtid) {
+#pragma unroll
+  for (int it = 0; it < 4; ++it) {
+    const int id = wtid + 128 * it;
+    const int row = id / 8;
+    const int c16 = id % 8;
+    const int gcol = gcol0 + c16 * 8;
+    if (row < rows_blk && gcol < n_out) {
+      u32 x0, x1, x2, x3;
+      ld_shared_v4(stage + row * C::EPI_PITCH + c16 * 16, x0, x1, x2, x3);
+      char* dst = base + ((long long)(grow0 + row) * ld + col_offset + gcol) * 2;
+      if (gcol + 8 <= n_out) {
+        st_global_v4(dst, x0, x1, x2, x3);
+      } else {
+        // Ragged right edge (n_out not a multiple of 8): element stores.
+        const int n = n_out - gcol;
+#pragma unroll
+        for (int e = 0; e < 7; ++e) {
+          if (e < n) {
+            const u32 w = e < 2 ? x0 : e < 4 ? x1 : e < 6 ? x2 : x3;
+            const unsigned short h = (unsigned short)(w >> (16 * (e % 2)));
+            asm volatile("st.global.b16 [%0], %1;" ::"l"(dst + 2 * e), "h"(h) : "memory");
+          }
+        }
+      }
+    }
+  }
+}
+
+/// f32 output (Config::OUT_F32): fragment pairs (2 consecutive columns) go straight to
+/// global memory with 8-byte stores (n_out and ldo are multiples of 8, out is 16-byte
+/// aligned, so a pair never straddles n_out and every store is aligned). With ACCUM the
+/// chunk's previous values are loaded first (all loads in flight together), then added.
+template <class C>
+__device__ __forceinline__ void epilogue_store_f32(const float (&acc)[C::MW][C::ACC_N],
+                                                   const GroupedGemmArgs& g, const Tile& t,
+                                                   int row0, int rows_wg, int wtid) {
+  if (C::ACCUM && t.k_len == 0) return;  // nothing to add: the output stays bit for bit
+  const int warp = wtid / 32;
+  const int lane = wtid % 32;
+  const int r_lo = 16 * warp + lane / 4;  // fragment rows r_lo, r_lo + 8 of each m64 block
+  const int cpair = 2 * (lane % 4);
+  float* out = reinterpret_cast<float*>(g.out);
+  const int col_tile = t.n_block * C::OUT_BN;
+#pragma unroll
+  for (int mb = 0; mb < C::MW; ++mb) {
+    const int rows_blk = rows_wg - 64 * mb;
+    if (rows_blk <= 0) break;
+    const int grow0 = row0 + 64 * mb;
+    float s0 = 1.0f, s1 = 1.0f;
+    if (g.row_scale != nullptr) {
+      if (r_lo < rows_blk) s0 = g.row_scale[grow0 + r_lo];
+      if (r_lo + 8 < rows_blk) s1 = g.row_scale[grow0 + r_lo + 8];
+    }
+    const bool ok0 = r_lo < rows_blk;
+    const bool ok1 = r_lo + 8 < rows_blk;
+    float* p0 = out + (long long)(grow0 + r_lo) * g.ldo;
+    float* p1 = out + (long long)(grow0 + r_lo + 8) * g.ldo;
+#pragma unroll
+    for (int chunk = 0; chunk < C::OUT_BN / 64; ++chunk) {
+      float2 old0[8], old1[8];
+      if (C::ACCUM) {
+#pragma unroll
+        for (int jj = 0; jj < 8; ++jj) {
+          const int col = col_tile + chunk * 64 + 8 * jj + cpair;
+          old0[jj] = make_float2(0.f, 0.f);
+          old1[jj] = make_float2(0.f, 0.f);
+          if (col < g.n_out) {
+            if (ok0) old0[jj] = *reinterpret_cast<const float2*>(p0 + col);
+            if (ok1) old1[jj] = *reinterpret_cast<const float2*>(p1 + col);
+          }
+        }
+      }
+#pragma unroll
+      for (int jj = 0; jj < 8; ++jj) {
+        const int j = chunk * 8 + jj;  // 8-column group in the accumulator
+        const int col = col_tile + chunk * 64 + 8 * jj + cpair;
+        float v[4];
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          float x = acc[mb][4 * j + q];
+          if (C::EPI == EPI_SWIGLU) x = silu_f(x) * acc[mb][4 * j + q + C::ACC_N / 2];
+          if (C::EPI == EPI_GELU) x = gelu_erf_f(x);
+          v[q] = x;
+        }
+        float2 w0 = make_float2(v[0] * s0, v[1] * s0);
+        float2 w1 = make_float2(v[2] * s1, v[3] * s1);
+        if (C::ACCUM) {
+          w0.x += old0[jj].x;
+          w0.y += old0[jj].y;
+          w1.x += old1[jj].x;
+          w1.y += old1[jj].y;
+        }
+        if (col < g.n_out) {
+          if (ok0) *reinterpret_cast<float2*>(p0 + col) = w0;
+          if (ok1) *reinterpret_cast<float2*>(p1 + col) = w1;
+        }
+      }
+    }
+  }
+}
+
+/// Config::AUX: stages the pre-activation of accumulator half `half` (0: SwiGLU gate / GeLU
+/// input, 1: SwiGLU up) of one 64-column chunk and stores it to g.aux. Ends with the
+/// staging tile free again.
+template <class C>
+__device__ __forceinline__ void store_aux_chunk(const float (&a)[C::ACC_N],
+                                                const GroupedGemmArgs& g, int chunk, int half,
+                                                int grow0, int rows_blk, int col_tile,
+                                                u32 stage, int wtid, int bar_id) {
+  const int warp = wtid / 32;
+  const int lane = wtid % 32;
+  const int r_lo = 16 * warp + lane / 4;
+  const int cpair = 2 * (lane % 4);
+  const int off = half * (C::ACC_N / 2);
+#pragma unroll
+  for (int jj = 0; jj < 8; ++jj) {
+    const int j = chunk * 8 + jj;
+    const int col = 8 * jj + cpair;
+    st_shared_u32(stage + r_lo * C::EPI_PITCH + col * 2,
+                  pack_in<C>(a[4 * j + off], a[4 * j + 1 + off]));
+    st_shared_u32(stage + (r_lo + 8) * C::EPI_PITCH + col * 2,
+                  pack_in<C>(a[4 * j + 2 + off], a[4 * j + 3 + off]));
+  }
+  named_barrier_sync(bar_id, 128);
+  staged_to_global<C>(stage, reinterpret_cast<char*>(g.aux), g.ldaux, half * g.n_out, g.n_out,
+                      grow0, rows_blk, col_tile + chunk * 64, wtid);
+  named_barrier_sync(bar_id, 128);
+}
+
 /// Writes this warpgroup's part of tile t.
 ///  acc:      MW m64 blocks of accumulators (fragment layout, see wgmma.cuh)
 ///  row0:     global output row of this warpgroup's first row
@@ -29,6 +179,10 @@ __device__ __forceinline__ void epilogue_store(const float (&acc)[C::MW][C::ACC_
                                                const GroupedGemmArgs& g, const Tile& t,
                                                int row0, int rows_wg, u32 stage, int wtid,
                                                int bar_id) {
+  if (C::OUT_F32) {
+    epilogue_store_f32<C>(acc, g, t, row0, rows_wg, wtid);
+    return;
+  }
   const int warp = wtid / 32;
   const int lane = wtid % 32;
   const int r_lo = 16 * warp + lane / 4;  // fragment rows r_lo, r_lo + 8 of each m64 block
@@ -47,6 +201,13 @@ __device__ __forceinline__ void epilogue_store(const float (&acc)[C::MW][C::ACC_
     }
 #pragma unroll
     for (int chunk = 0; chunk < C::OUT_BN / 64; ++chunk) {
+      if (C::AUX) {
+        store_aux_chunk<C>(acc[mb], g, chunk, 0, grow0, rows_blk, col_tile, stage, wtid, bar_id);
+        if (C::EPI == EPI_SWIGLU) {
+          store_aux_chunk<C>(acc[mb], g, chunk, 1, grow0, rows_blk, col_tile, stage, wtid,
+                             bar_id);
+        }
+      }
       // 1. fragment -> staging (bf16x2 per store; 144-byte pitch: conflict-free)
 #pragma unroll
       for (int jj = 0; jj < 8; ++jj) {

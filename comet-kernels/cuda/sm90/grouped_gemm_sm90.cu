@@ -10,10 +10,20 @@
 #ifndef SM90_L2HINT
 #define SM90_L2HINT 0
 #endif
+// Epilogue variants (absent = the 16-bit overwriting store of the input dtype).
+#ifndef SM90_OUT_F32
+#define SM90_OUT_F32 0
+#endif
+#ifndef SM90_ACCUM
+#define SM90_ACCUM 0
+#endif
+#ifndef SM90_AUX
+#define SM90_AUX 0
+#endif
 
 typedef comet_sm90::Config<SM90_MODE, SM90_BN, SM90_PINGPONG != 0, SM90_STAGES, SM90_EPI,
                            SM90_IN_F16 != 0, SM90_OUT_F16 != 0, SM90_BAND, SM90_CLUSTER,
-                           SM90_L2HINT>
+                           SM90_L2HINT, SM90_OUT_F32 != 0, SM90_ACCUM != 0, SM90_AUX != 0>
     comet_sm90_config;
 
 #ifdef SM90_SMEM_ONE_EXPERT

@@ -14,6 +14,35 @@ pub enum Schedule {
     PingPong,
 }
 
+/// What the epilogue stores besides the (activated, scaled) output in the input's dtype.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Sm90Store {
+    /// C is f32 (stored straight from the accumulators with 8-byte vector stores).
+    pub f32_out: bool,
+    /// `C += result` (f32 C only); a tile whose reduction is empty (wgrad: an expert with
+    /// no rows) leaves C untouched.
+    pub accumulate: bool,
+    /// Also store the pre-activation (forward with SwiGLU or GeLU, 16-bit C).
+    pub aux: bool,
+}
+
+impl Sm90Store {
+    /// Checks the combination against the engine's compile-time rules (`config.cuh`).
+    pub fn validate(&self, kind: GemmKind, epilogue: Epilogue) -> Result<()> {
+        let bad = |why: &str| Err(Error::Invalid(format!("sm90 store {self:?}: {why}")));
+        if self.accumulate && !self.f32_out {
+            return bad("accumulation needs an f32 C");
+        }
+        if self.aux && (kind != GemmKind::Forward || epilogue == Epilogue::None) {
+            return bad("the pre-activation store needs a forward GEMM with an activation");
+        }
+        if self.aux && self.f32_out {
+            return bad("the pre-activation store needs a 16-bit C");
+        }
+        Ok(())
+    }
+}
+
 /// One specialisation of the engine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Sm90Config {
@@ -127,6 +156,29 @@ impl Sm90Config {
             return bad("activations are forward-only");
         }
         Ok(())
+    }
+
+    /// NVRTC specialisation macros for a GEMM storing with `store` (its 16-bit output, if
+    /// any, is the input's dtype). The default store sets exactly the macros of
+    /// [`Sm90Config::defines`]; the others add `SM90_OUT_F32`, `SM90_ACCUM`, `SM90_AUX`.
+    pub fn defines_store(
+        &self,
+        kind: GemmKind,
+        epilogue: Epilogue,
+        f16_in: bool,
+        store: Sm90Store,
+    ) -> Defines {
+        let mut d = self.defines(kind, epilogue, f16_in, f16_in && !store.f32_out);
+        for (k, on) in [
+            ("SM90_OUT_F32", store.f32_out),
+            ("SM90_ACCUM", store.accumulate),
+            ("SM90_AUX", store.aux),
+        ] {
+            if on {
+                d.insert(k.to_string(), "1".to_string());
+            }
+        }
+        d
     }
 
     /// NVRTC specialisation macros (see `cuda/sm90/grouped_gemm_sm90.cu`).
@@ -263,6 +315,57 @@ mod tests {
         assert_eq!(d["SM90_MODE"], "1");
         assert_eq!(d["SM90_CLUSTER"], "2");
         assert_eq!(d["SM90_SMEM_ONE_EXPERT"], "216144");
+    }
+
+    #[test]
+    fn store_variants() {
+        let plain = Sm90Store::default();
+        let f32_acc = Sm90Store {
+            f32_out: true,
+            accumulate: true,
+            aux: false,
+        };
+        let aux = Sm90Store { aux: true, ..plain };
+        for kind in [GemmKind::Forward, GemmKind::Dgrad, GemmKind::Wgrad] {
+            plain.validate(kind, Epilogue::None).unwrap();
+            f32_acc.validate(kind, Epilogue::None).unwrap();
+            assert!(aux.validate(kind, Epilogue::None).is_err());
+        }
+        aux.validate(GemmKind::Forward, Epilogue::SwiGlu).unwrap();
+        aux.validate(GemmKind::Forward, Epilogue::Gelu).unwrap();
+        let acc16 = Sm90Store {
+            accumulate: true,
+            ..plain
+        };
+        assert!(acc16.validate(GemmKind::Wgrad, Epilogue::None).is_err());
+        let aux32 = Sm90Store {
+            f32_out: true,
+            aux: true,
+            accumulate: false,
+        };
+        assert!(aux32.validate(GemmKind::Forward, Epilogue::SwiGlu).is_err());
+        // The default store adds no macro: the default kernels keep their NVRTC options.
+        let c = Sm90Config::COOP_256;
+        for f16 in [false, true] {
+            assert_eq!(
+                c.defines_store(GemmKind::Wgrad, Epilogue::None, f16, plain),
+                c.defines(GemmKind::Wgrad, Epilogue::None, f16, f16)
+            );
+        }
+        let d = c.defines_store(GemmKind::Wgrad, Epilogue::None, true, f32_acc);
+        assert_eq!(
+            (
+                d["SM90_OUT_F16"].as_str(),
+                d["SM90_IN_F16"].as_str(),
+                d["SM90_OUT_F32"].as_str(),
+                d["SM90_ACCUM"].as_str()
+            ),
+            ("0", "1", "1", "1")
+        );
+        assert!(!d.contains_key("SM90_AUX"));
+        let d = c.defines_store(GemmKind::Forward, Epilogue::SwiGlu, false, aux);
+        assert_eq!(d["SM90_AUX"], "1");
+        assert!(!d.contains_key("SM90_OUT_F32"));
     }
 
     #[test]

@@ -4,7 +4,7 @@ use std::ffi::c_void;
 
 use cudarc::driver::{DriverError, sys};
 
-use super::config::{BK, BM, Schedule, Sm90Config, THREADS};
+use super::config::{BK, BM, Schedule, Sm90Config, Sm90Store, THREADS};
 use super::tma::{TileMap, TmaDescriptor};
 use crate::buffer::{DType, DeviceTensor};
 use crate::cache::{Arch, Defines, Program};
@@ -61,6 +61,9 @@ struct KernelArgs {
     k: i32,
     m_out: i32,
     rows_cap: i32,
+    aux: u64,
+    ldaux: i32,
+    reserved0: i32,
 }
 
 /// Mirror of `comet_sm90::NoWait` (the plain GEMM's per-tile hook).
@@ -81,8 +84,13 @@ pub struct Sm90Desc {
     pub b: Meta,
     /// Expert row offsets, i32 `[G + 1]` (device-resident: read by the kernel).
     pub offsets: Meta,
-    /// C: `[cap, N']` (forward; N' = N/2 with SwiGLU), `[cap, K]` (dgrad), `[G, N, K]` (wgrad).
+    /// C: `[cap, N']` (forward; N' = N/2 with SwiGLU), `[cap, K]` (dgrad), `[G, N, K]` (wgrad);
+    /// A's dtype, or f32.
     pub c: Meta,
+    /// `C += result` instead of `C = result` (f32 C only).
+    pub accumulate: bool,
+    /// Pre-activation output `[cap, N]` in A's dtype (forward with SwiGLU or GeLU, 16-bit C).
+    pub aux: Option<Meta>,
     /// Fused activation (forward only).
     pub epilogue: Epilogue,
     /// Optional per-row scale, f32 `[cap]` (forward, dgrad).
@@ -118,6 +126,10 @@ pub struct Sm90Plan {
     pub max_tiles: usize,
     /// Dynamic shared memory per block.
     pub smem_bytes: usize,
+    /// Row stride of the pre-activation output (elements; 0 without it).
+    pub ldaux: usize,
+    /// What the epilogue stores.
+    pub store: Sm90Store,
     /// Tensor map of A (address added at launch).
     pub a_map: TileMap,
     /// Tensor map of B.
@@ -133,7 +145,19 @@ pub fn plan(d: &Sm90Desc, smem_optin: usize) -> Result<Sm90Plan> {
     let elem = d.a.dtype;
     expect_dtype("A", &d.a, &[DType::BF16, DType::F16])?;
     expect_dtype("B", &d.b, &[elem])?;
-    expect_dtype("C (the sm90 engine stores A's dtype)", &d.c, &[elem])?;
+    expect_dtype(
+        "C (the sm90 engine stores A's dtype or f32)",
+        &d.c,
+        &[elem, DType::F32],
+    )?;
+    let f32_out = d.c.dtype == DType::F32;
+    if d.accumulate && !f32_out {
+        return Err(Error::DType {
+            what: "C of an accumulating GEMM (the sm90 engine adds in f32 only)".into(),
+            got: d.c.dtype.to_string(),
+            expected: "f32".into(),
+        });
+    }
     let groups = groups_from_offsets(&d.offsets)?;
     let rules = EngineRules {
         ungrouped_weights: false,
@@ -201,6 +225,38 @@ pub fn plan(d: &Sm90Desc, smem_optin: usize) -> Result<Sm90Plan> {
         }
     }
     check_epilogue(d.kind, d.epilogue)?;
+    let ldaux = match &d.aux {
+        Some(aux) => {
+            if d.kind != GemmKind::Forward || d.epilogue == Epilogue::None {
+                return Err(Error::Invalid(
+                    "the pre-activation output exists for a forward GEMM with an activation".into(),
+                ));
+            }
+            if f32_out {
+                return Err(Error::DType {
+                    what: "C of a GEMM with a pre-activation output (sm90 engine)".into(),
+                    got: d.c.dtype.to_string(),
+                    expected: elem.to_string(),
+                });
+            }
+            expect_dtype("aux (pre-activation)", aux, &[elem])?;
+            if aux.shape != [rows_cap, dims.n] {
+                return Err(Error::shape(
+                    "aux (pre-activation)",
+                    &aux.shape,
+                    format!("[{rows_cap}, {}]", dims.n),
+                ));
+            }
+            dims.n
+        }
+        None => 0,
+    };
+    let store = Sm90Store {
+        f32_out,
+        accumulate: d.accumulate,
+        aux: d.aux.is_some(),
+    };
+    store.validate(d.kind, d.epilogue)?;
     multiple_of_8(
         "output columns (row stride of C)",
         n_out,
@@ -262,9 +318,11 @@ pub fn plan(d: &Sm90Desc, smem_optin: usize) -> Result<Sm90Plan> {
         m_out,
         max_tiles,
         smem_bytes,
+        ldaux,
+        store,
         a_map,
         b_map,
-        defines: d.config.defines(d.kind, d.epilogue, f16, f16),
+        defines: d.config.defines_store(d.kind, d.epilogue, f16, store),
     })
 }
 
@@ -350,6 +408,8 @@ pub struct Sm90Gemm<'a> {
     offsets: &'a DeviceTensor,
     c: &'a mut DeviceTensor,
     epilogue: Epilogue,
+    accumulate: bool,
+    aux: Option<&'a mut DeviceTensor>,
     row_scale: Option<&'a DeviceTensor>,
     tile_order: Option<&'a DeviceTensor>,
     error_flag: Option<&'a mut DeviceTensor>,
@@ -372,6 +432,8 @@ impl<'a> Sm90Gemm<'a> {
             offsets,
             c,
             epilogue: Epilogue::None,
+            accumulate: false,
+            aux: None,
             row_scale: None,
             tile_order: None,
             error_flag: None,
@@ -409,6 +471,19 @@ impl<'a> Sm90Gemm<'a> {
     /// Fused activation (forward).
     pub fn epilogue(mut self, e: Epilogue) -> Self {
         self.epilogue = e;
+        self
+    }
+    /// Add into C (`C += A·B`, e.g. gradient accumulation across calls) instead of
+    /// overwriting it; C must be f32. A tile whose reduction is empty (wgrad: an expert
+    /// without rows) leaves its part of C as it was.
+    pub fn accumulate(mut self, on: bool) -> Self {
+        self.accumulate = on;
+        self
+    }
+    /// Also store the pre-activation `[rows, N]` (A's dtype) of a forward GEMM with SwiGLU
+    /// (gate columns `0..N/2`, up `N/2..N`) or GeLU, before the row scale; C stays 16-bit.
+    pub fn aux(mut self, aux: &'a mut DeviceTensor) -> Self {
+        self.aux = Some(aux);
         self
     }
     /// Multiply output row `r` by `scale[r]` (f32 `[rows]`; forward, dgrad).
@@ -470,6 +545,8 @@ impl<'a> Sm90Gemm<'a> {
             b: Meta::of(self.b),
             offsets: Meta::of(self.offsets),
             c: Meta::of(self.c),
+            accumulate: self.accumulate,
+            aux: self.aux.as_deref().map(Meta::of),
             epilogue: self.epilogue,
             row_scale: self.row_scale.map(Meta::of),
             tile_order: self.tile_order.map(Meta::of),
@@ -533,13 +610,24 @@ pub fn grouped_gemm(gpu: &Gpu, g: Sm90Gemm<'_>) -> Result<()> {
     if let Some(f) = g.error_flag.as_deref() {
         f.check_device(gpu, "error flag")?;
     }
-    if g.c.device_ptr() % 16 != 0 {
-        return Err(Error::Alignment {
-            what: "C device address".into(),
-            value: g.c.device_ptr() as usize,
-            multiple: 16,
-            why: "16-byte vector stores",
-        });
+    if let Some(aux) = g.aux.as_deref() {
+        aux.check_device(gpu, "aux")?;
+    }
+    for (what, ptr) in [
+        ("C device address", Some(g.c.device_ptr())),
+        (
+            "aux device address",
+            g.aux.as_deref().map(|t| t.device_ptr()),
+        ),
+    ] {
+        if let Some(ptr) = ptr.filter(|p| p % 16 != 0) {
+            return Err(Error::Alignment {
+                what: what.into(),
+                value: ptr as usize,
+                multiple: 16,
+                why: "16-byte vector stores",
+            });
+        }
     }
     let elem = g.a.dtype();
     let args = KernelArgs {
@@ -556,6 +644,9 @@ pub fn grouped_gemm(gpu: &Gpu, g: Sm90Gemm<'_>) -> Result<()> {
         k: plan.k as i32,
         m_out: plan.m_out as i32,
         rows_cap: plan.rows_cap as i32,
+        aux: g.aux.as_deref().map_or(0, |t| t.device_ptr()),
+        ldaux: plan.ldaux as i32,
+        reserved0: 0,
     };
     let hook = NoWaitArgs { unused: 0 };
     let f = gpu.function(&program(), &plan.defines, KERNEL_NAME)?;
@@ -610,7 +701,10 @@ pub fn grouped_gemm(gpu: &Gpu, g: Sm90Gemm<'_>) -> Result<()> {
         n = plan.n_out,
         grid = cfg.gridDimX,
         cluster,
-        pingpong = desc.config.schedule == Schedule::PingPong
+        pingpong = desc.config.schedule == Schedule::PingPong,
+        f32_out = plan.store.f32_out,
+        accumulate = plan.store.accumulate,
+        aux = plan.store.aux
     )
     .entered();
     let mut params: [*mut c_void; 2] = [
@@ -644,6 +738,8 @@ mod tests {
             b: Meta::new(DType::BF16, b),
             offsets: Meta::new(DType::I32, &[g + 1]),
             c: Meta::new(DType::BF16, c),
+            accumulate: false,
+            aux: None,
             epilogue: Epilogue::None,
             row_scale: None,
             tile_order: None,
@@ -671,6 +767,8 @@ mod tests {
         assert_eq!(offset_of!(KernelArgs, k), 308);
         assert_eq!(offset_of!(KernelArgs, m_out), 312);
         assert_eq!(offset_of!(KernelArgs, rows_cap), 316);
+        assert_eq!(offset_of!(KernelArgs, aux), 320);
+        assert_eq!(offset_of!(KernelArgs, ldaux), 328);
         assert_eq!(size_of::<NoWaitArgs>(), 4);
     }
 
@@ -711,6 +809,8 @@ mod tests {
             b: Meta::new(DType::BF16, &[300, 4096]),
             offsets: Meta::new(DType::I32, &[17]),
             c: Meta::new(DType::BF16, &[16, 2048, 4096]),
+            accumulate: false,
+            aux: None,
             epilogue: Epilogue::None,
             row_scale: None,
             tile_order: None,
@@ -748,10 +848,15 @@ mod tests {
         let e = plan(&fwd(&[10, 64], &[4096, 64, 64], &[10, 64], 4096), OPTIN).unwrap_err();
         assert!(matches!(e, Error::Limit { value: 4096, .. }), "{e}");
         assert!(e.to_string().contains("232448"), "{e}");
-        // f32 output is not produced by this engine.
+        // Output dtypes: A's or f32; accumulation in f32 only.
         let mut d = fwd(&[10, 64], &[2, 64, 64], &[10, 64], 2);
-        d.c.dtype = DType::F32;
+        d.c.dtype = DType::F16;
         assert!(matches!(plan(&d, OPTIN), Err(Error::DType { .. })));
+        d.c.dtype = DType::BF16;
+        d.accumulate = true;
+        let e = plan(&d, OPTIN).unwrap_err();
+        assert!(matches!(e, Error::DType { .. }), "{e}");
+        assert!(e.to_string().contains("accumulating"), "{e}");
         // A tile order too short for the worst-case routing.
         let mut d = fwd(&[256, 64], &[2, 256, 64], &[256, 256], 2);
         d.tile_order = Some(Meta::new(DType::I32, &[3]));
@@ -770,6 +875,88 @@ mod tests {
             OPTIN
         ));
         assert!(supports(&fwd(&[10, 64], &[2, 64, 64], &[10, 64], 2), OPTIN));
+    }
+
+    #[test]
+    fn f32_accumulate_and_aux_stores() {
+        // wgrad in f32 with accumulation (the backward's weight gradients).
+        let w = Sm90Desc {
+            kind: GemmKind::Wgrad,
+            a: Meta::new(DType::BF16, &[300, 2048]),
+            b: Meta::new(DType::BF16, &[300, 4096]),
+            offsets: Meta::new(DType::I32, &[17]),
+            c: Meta::new(DType::F32, &[16, 2048, 4096]),
+            accumulate: true,
+            aux: None,
+            epilogue: Epilogue::None,
+            row_scale: None,
+            tile_order: None,
+            error_flag: None,
+            config: Sm90Config::choose(GemmKind::Wgrad, Epilogue::None, 16, 300),
+            max_ctas: None,
+        };
+        let p = plan(&w, OPTIN).unwrap();
+        assert_eq!(
+            p.store,
+            Sm90Store {
+                f32_out: true,
+                accumulate: true,
+                aux: false
+            }
+        );
+        assert_eq!(
+            (
+                p.defines["SM90_OUT_F32"].as_str(),
+                p.defines["SM90_ACCUM"].as_str()
+            ),
+            ("1", "1")
+        );
+        assert_eq!(p.defines["SM90_OUT_F16"], "0");
+        assert_eq!(
+            p.smem_bytes,
+            Sm90Config::COOP_256.smem_bytes(16),
+            "no extra smem"
+        );
+        // f32 forward and dgrad, with and without accumulation.
+        for kind in [GemmKind::Forward, GemmKind::Dgrad] {
+            for acc in [false, true] {
+                let mut d = fwd(&[300, 2048], &[16, 2048, 2048], &[300, 2048], 16);
+                d.kind = kind;
+                d.c.dtype = DType::F32;
+                d.accumulate = acc;
+                let p = plan(&d, OPTIN).unwrap();
+                assert!(p.store.f32_out && p.store.accumulate == acc);
+            }
+        }
+        // The default store keeps the default kernel's macros.
+        let p = plan(&fwd(&[10, 64], &[2, 64, 64], &[10, 64], 2), OPTIN).unwrap();
+        assert_eq!(p.store, Sm90Store::default());
+        assert!(!p.defines.contains_key("SM90_OUT_F32") && !p.defines.contains_key("SM90_AUX"));
+        // Pre-activation output: [rows, N] of A's dtype, forward with an activation only.
+        let mut s = fwd(&[100, 512], &[3, 400, 512], &[100, 200], 3);
+        s.epilogue = Epilogue::SwiGlu;
+        s.aux = Some(Meta::new(DType::BF16, &[100, 400]));
+        let p = plan(&s, OPTIN).unwrap();
+        assert_eq!((p.ldaux, p.store.aux), (400, true));
+        assert_eq!(p.defines["SM90_AUX"], "1");
+        let mut bad = s.clone();
+        bad.aux = Some(Meta::new(DType::BF16, &[100, 200]));
+        let e = plan(&bad, OPTIN).unwrap_err();
+        assert!(e.to_string().contains("[100, 400]"), "{e}");
+        let mut bad = s.clone();
+        bad.aux = Some(Meta::new(DType::F16, &[100, 400]));
+        assert!(matches!(plan(&bad, OPTIN), Err(Error::DType { .. })));
+        let mut bad = s.clone();
+        bad.epilogue = Epilogue::None;
+        bad.c = Meta::new(DType::BF16, &[100, 400]);
+        assert!(matches!(plan(&bad, OPTIN), Err(Error::Invalid(_))));
+        let mut bad = s.clone();
+        bad.c.dtype = DType::F32;
+        assert!(matches!(plan(&bad, OPTIN), Err(Error::DType { .. })));
+        let mut g = fwd(&[100, 512], &[3, 400, 512], &[100, 400], 3);
+        g.epilogue = Epilogue::Gelu;
+        g.aux = Some(Meta::new(DType::BF16, &[100, 400]));
+        assert_eq!(plan(&g, OPTIN).unwrap().ldaux, 400);
     }
 
     #[test]

@@ -5,7 +5,11 @@
 //! completed on mbarriers; two consumer warpgroups issue `wgmma` (m64n256k16 / m64n128k16,
 //! bf16/f16 → f32) with 232 registers each after `setmaxnreg`; the epilogue applies
 //! SwiGLU/GeLU and a row scale and writes bf16/f16 with masked 16-byte stores, so rows past an
-//! expert's end are never written. A persistent tile scheduler walks (expert, m-tile, n-tile)
+//! expert's end are never written. Opt-in store variants ([`Sm90Store`]): f32 output (masked
+//! 8-byte stores straight from the accumulators), `C += result` in f32 (gradient
+//! accumulation; a tile with an empty reduction leaves C as it was), and the pre-activation
+//! of a fused SwiGLU/GeLU stored beside the output. The grid can be capped
+//! ([`Sm90Gemm::max_ctas`], [`Sm90Gemm::within_ctas`]) to leave SMs to other streams. A persistent tile scheduler walks (expert, m-tile, n-tile)
 //! from the device-resident expert offsets (no host synchronisation), in a raster order that
 //! keeps weight and activation tiles in L2, or in an order supplied as data; its producer
 //! can wait on a per-tile condition before loading (the fused kernels' hook). With 2-CTA
@@ -21,7 +25,7 @@ mod config;
 mod launch;
 mod tma;
 
-pub use config::{BK, BM, Schedule, Sm90Config, THREADS};
+pub use config::{BK, BM, Schedule, Sm90Config, Sm90Store, THREADS};
 pub use launch::{
     DeviceErrorCode, GROUPED_GEMM_SM90_CU, KERNEL_NAME, SM90_HEADERS, Sm90Desc, Sm90Gemm, Sm90Plan,
     grouped_gemm, headers, plan, program, supports,

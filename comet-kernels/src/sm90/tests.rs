@@ -29,6 +29,12 @@ struct Case {
     config: Sm90Config,
     /// Cap on the grid's CTAs.
     max_ctas: Option<u32>,
+    /// f32 C.
+    out_f32: bool,
+    /// `C += result` (C starts from random finite values, kept for the reference).
+    accumulate: bool,
+    /// Also store the pre-activation (checked against the reference too).
+    aux: bool,
 }
 
 impl Case {
@@ -44,6 +50,9 @@ impl Case {
             f16: false,
             config: Sm90Config::COOP_256,
             max_ctas: None,
+            out_f32: false,
+            accumulate: false,
+            aux: false,
         }
     }
     fn with(mut self, f: impl FnOnce(&mut Case)) -> Self {
@@ -117,8 +126,111 @@ fn check(gpu: &Gpu, c: &Case, seed: u64) -> f64 {
     run_checked(gpu, c, seed).0
 }
 
+/// The reference of one case: the valid output region (`want`, in f64; with accumulation it
+/// includes C's initial values) and, for the pre-activation store, the `[rows, N]` values.
+struct Want {
+    out: Vec<f64>,
+    aux: Vec<f64>,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn reference(c: &Case, offs: &[i32], a: &[f32], b: &[f32], scale: &[f32], c0: &[f32]) -> Want {
+    let g = c.counts.len();
+    let rows = c.rows();
+    let (n, k, n_out) = (c.n, c.k, c.n_out());
+    let out_rows = if c.kind == GemmKind::Wgrad {
+        g * n
+    } else {
+        rows
+    };
+    let mut out = vec![0f64; out_rows * n_out];
+    let mut aux = if c.aux {
+        vec![0f64; rows * n]
+    } else {
+        Vec::new()
+    };
+    for e in 0..g {
+        let (r0, r1) = (offs[e] as usize, offs[e + 1] as usize);
+        match c.kind {
+            GemmKind::Forward => {
+                for r in r0..r1 {
+                    let x = &a[r * k..(r + 1) * k];
+                    let dot = |j: usize| -> f64 {
+                        let w = &b[(e * n + j) * k..(e * n + j + 1) * k];
+                        x.iter().zip(w).map(|(&p, &q)| p as f64 * q as f64).sum()
+                    };
+                    if c.aux {
+                        for j in 0..n {
+                            aux[r * n + j] = dot(j);
+                        }
+                    }
+                    for j in 0..n_out {
+                        let mut v = match c.epilogue {
+                            Epilogue::SwiGlu => {
+                                comet_core::reference::silu(dot(j)) * dot(n_out + j)
+                            }
+                            Epilogue::Gelu => comet_core::reference::gelu(dot(j)),
+                            Epilogue::None => dot(j),
+                        };
+                        if c.scale {
+                            v *= scale[r] as f64;
+                        }
+                        out[r * n_out + j] = v;
+                    }
+                }
+            }
+            GemmKind::Dgrad => {
+                for r in r0..r1 {
+                    for j in 0..k {
+                        let mut v = 0f64;
+                        for i in 0..n {
+                            v += a[r * n + i] as f64 * b[(e * n + i) * k + j] as f64;
+                        }
+                        if c.scale {
+                            v *= scale[r] as f64;
+                        }
+                        out[r * k + j] = v;
+                    }
+                }
+            }
+            GemmKind::Wgrad => {
+                for i in 0..n {
+                    for j in 0..k {
+                        let mut v = 0f64;
+                        for r in r0..r1 {
+                            v += a[r * n + i] as f64 * b[r * k + j] as f64;
+                        }
+                        out[(e * n + i) * k + j] = v;
+                    }
+                }
+            }
+        }
+    }
+    if c.accumulate {
+        for (o, &i) in out.iter_mut().zip(c0) {
+            *o += i as f64;
+        }
+    }
+    Want { out, aux }
+}
+
+/// Bits of a downloaded output (16-bit values zero-extended), and its values.
+fn download_any(gpu: &Gpu, t: &DeviceTensor) -> (Vec<f32>, Vec<u32>) {
+    match t.dtype() {
+        DType::F32 => {
+            let h: Vec<f32> = t.to_host(gpu).expect("download");
+            let bits = h.iter().map(|x| x.to_bits()).collect();
+            (h, bits)
+        }
+        dt => {
+            let (v, b) = download(gpu, t, dt == DType::F16);
+            (v, b.into_iter().map(u32::from).collect())
+        }
+    }
+}
+
 /// [`check`], also returning the bits of the whole output (guard rows included).
-fn run_checked(gpu: &Gpu, c: &Case, seed: u64) -> (f64, Vec<u16>) {
+fn run_checked(gpu: &Gpu, c: &Case, seed: u64) -> (f64, Vec<u32>) {
     let mut rng = StdRng::seed_from_u64(seed);
     let g = c.counts.len();
     let rows = c.rows();
@@ -142,67 +254,16 @@ fn run_checked(gpu: &Gpu, c: &Case, seed: u64) -> (f64, Vec<u16>) {
     for e in 0..g {
         offs[e + 1] = offs[e] + c.counts[e] as i32;
     }
-
-    // f64 reference of the valid output region
     let n_out = c.n_out();
-    let out_rows = if c.kind == GemmKind::Wgrad {
-        g * n
+    let c_shape = if c.kind == GemmKind::Wgrad {
+        vec![g, n, k]
     } else {
-        rows
+        vec![cap, n_out]
     };
-    let mut want = vec![0f64; out_rows * n_out];
-    for e in 0..g {
-        let (r0, r1) = (offs[e] as usize, offs[e + 1] as usize);
-        match c.kind {
-            GemmKind::Forward => {
-                for r in r0..r1 {
-                    let x = &a[r * k..(r + 1) * k];
-                    let dot = |j: usize| -> f64 {
-                        let w = &b[(e * n + j) * k..(e * n + j + 1) * k];
-                        x.iter().zip(w).map(|(&p, &q)| p as f64 * q as f64).sum()
-                    };
-                    for j in 0..n_out {
-                        let mut v = match c.epilogue {
-                            Epilogue::SwiGlu => {
-                                comet_core::reference::silu(dot(j)) * dot(n_out + j)
-                            }
-                            Epilogue::Gelu => comet_core::reference::gelu(dot(j)),
-                            Epilogue::None => dot(j),
-                        };
-                        if c.scale {
-                            v *= scale[r] as f64;
-                        }
-                        want[r * n_out + j] = v;
-                    }
-                }
-            }
-            GemmKind::Dgrad => {
-                for r in r0..r1 {
-                    for j in 0..k {
-                        let mut v = 0f64;
-                        for i in 0..n {
-                            v += a[r * n + i] as f64 * b[(e * n + i) * k + j] as f64;
-                        }
-                        if c.scale {
-                            v *= scale[r] as f64;
-                        }
-                        want[r * k + j] = v;
-                    }
-                }
-            }
-            GemmKind::Wgrad => {
-                for i in 0..n {
-                    for j in 0..k {
-                        let mut v = 0f64;
-                        for r in r0..r1 {
-                            v += a[r * n + i] as f64 * b[r * k + j] as f64;
-                        }
-                        want[(e * n + i) * k + j] = v;
-                    }
-                }
-            }
-        }
-    }
+    let c_len: usize = c_shape.iter().product();
+    // Initial C of an accumulating run: finite random values (guard rows included).
+    let c0: Vec<f32> = (0..c_len).map(|_| rng.random_range(-2.0f32..2.0)).collect();
+    let want = reference(c, &offs, &a, &b, &scale, &c0);
 
     let da = upload(gpu, &[cap, a_cols], &a, c.f16);
     let db = if c.kind == GemmKind::Wgrad {
@@ -213,13 +274,16 @@ fn run_checked(gpu: &Gpu, c: &Case, seed: u64) -> (f64, Vec<u16>) {
     let doffs = DeviceTensor::from_host(gpu, &[g + 1], &offs).expect("offsets");
     let dscale = DeviceTensor::from_host(gpu, &[cap], &scale).expect("scale");
     let dtype = if c.f16 { DType::F16 } else { DType::BF16 };
-    let c_shape = if c.kind == GemmKind::Wgrad {
-        vec![g, n, k]
+    let c_dtype = if c.out_f32 { DType::F32 } else { dtype };
+    let mut dc = if c.accumulate {
+        DeviceTensor::from_host(gpu, &c_shape, &c0).expect("C")
     } else {
-        vec![cap, n_out]
+        let mut t = DeviceTensor::alloc(gpu, c_dtype, &c_shape).expect("C");
+        t.poison(gpu).expect("poison");
+        t
     };
-    let mut dc = DeviceTensor::alloc(gpu, dtype, &c_shape).expect("C");
-    dc.poison(gpu).expect("poison");
+    let mut daux = DeviceTensor::alloc(gpu, dtype, &[cap, n]).expect("aux");
+    daux.poison(gpu).expect("poison");
     let mut flag = DeviceTensor::zeros(gpu, DType::I32, &[1]).expect("flag");
     let dorder = if c.reversed {
         let desc_probe = Sm90Desc {
@@ -227,7 +291,9 @@ fn run_checked(gpu: &Gpu, c: &Case, seed: u64) -> (f64, Vec<u16>) {
             a: crate::gemm::Meta::new(dtype, &[cap, a_cols]),
             b: crate::gemm::Meta::of(&db),
             offsets: crate::gemm::Meta::new(DType::I32, &[g + 1]),
-            c: crate::gemm::Meta::new(dtype, &c_shape),
+            c: crate::gemm::Meta::new(c_dtype, &c_shape),
+            accumulate: c.accumulate,
+            aux: None,
             epilogue: c.epilogue,
             row_scale: None,
             tile_order: None,
@@ -260,6 +326,7 @@ fn run_checked(gpu: &Gpu, c: &Case, seed: u64) -> (f64, Vec<u16>) {
         }
         .epilogue(c.epilogue)
         .config(c.config)
+        .accumulate(c.accumulate)
         .error_flag(&mut flag);
         if c.scale {
             op = op.row_scale(&dscale);
@@ -270,24 +337,61 @@ fn run_checked(gpu: &Gpu, c: &Case, seed: u64) -> (f64, Vec<u16>) {
         if let Some(n) = c.max_ctas {
             op = op.max_ctas(n);
         }
+        if c.aux {
+            op = op.aux(&mut daux);
+        }
         grouped_gemm(gpu, op).expect("launch");
     }
     gpu.synchronize().expect("kernel");
     let f: Vec<i32> = flag.to_host(gpu).expect("flag");
     assert_eq!(f[0], 0, "device error flag");
-    let (got, bits) = download(gpu, &dc, c.f16);
-    let valid = out_rows * n_out;
+    let (got, bits) = download_any(gpu, &dc);
+    let valid = want.out.len();
     let nan = got[..valid].iter().filter(|v| !v.is_finite()).count();
     assert_eq!(nan, 0, "{nan} unwritten or non-finite outputs");
     if c.kind != GemmKind::Wgrad {
-        assert!(
-            bits[valid..].iter().all(|&b| b == 0xFFFF),
-            "rows past the last expert were written"
-        );
+        let untouched = if c.accumulate {
+            bits[valid..]
+                .iter()
+                .zip(&c0[valid..])
+                .all(|(&b, i)| b == i.to_bits())
+        } else {
+            let poison = if c.out_f32 { u32::MAX } else { 0xFFFF };
+            bits[valid..].iter().all(|&b| b == poison)
+        };
+        assert!(untouched, "rows past the last expert were written");
+    }
+    if c.kind == GemmKind::Wgrad && c.accumulate {
+        // Experts without rows: their gradient stays bit for bit.
+        for e in (0..g).filter(|&e| c.counts[e] == 0) {
+            let r = e * n * k..(e + 1) * n * k;
+            assert!(
+                bits[r.clone()]
+                    .iter()
+                    .zip(&c0[r])
+                    .all(|(&b, i)| b == i.to_bits()),
+                "expert {e} has no rows but its accumulated gradient changed"
+            );
+        }
     }
     let got64: Vec<f64> = got[..valid].iter().map(|&v| v as f64).collect();
-    let err = comet_core::numeric::rel_l2(&got64, &want);
+    let err = comet_core::numeric::rel_l2(&got64, &want.out);
     assert!(err <= 1e-2, "relative L2 error {err:.3e} > 1e-2");
+    if c.aux {
+        let (h, hbits) = download(gpu, &daux, c.f16);
+        let hv = rows * n;
+        assert!(
+            h[..hv].iter().all(|v| v.is_finite()),
+            "unwritten or non-finite pre-activation"
+        );
+        assert!(
+            hbits[hv..].iter().all(|&b| b == 0xFFFF),
+            "pre-activation rows past the last expert were written"
+        );
+        let h64: Vec<f64> = h[..hv].iter().map(|&v| v as f64).collect();
+        let e = comet_core::numeric::rel_l2(&h64, &want.aux);
+        assert!(e <= 1e-2, "pre-activation relative L2 error {e:.3e} > 1e-2");
+    }
     (err, bits)
 }
 
@@ -520,6 +624,291 @@ fn capped_grid_matches_the_full_grid() {
     }
 }
 
+/// Wgrad with f32 output, overwriting and accumulating (`dW += Aᵀ·B`, the backward's
+/// gradient accumulation): experts with no rows (zeros written; with accumulation their
+/// gradient stays bit for bit), ragged rows, reductions (rows) that are not multiples of 64,
+/// every wgrad configuration, L2 hints, f16 inputs, a reversed tile order and a capped grid.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn wgrad_f32_and_accumulate() {
+    let gpu = gpu();
+    if !hopper(&gpu) {
+        return;
+    }
+    let hinted = Sm90Config {
+        l2_hint: true,
+        ..Sm90Config::COOP_256
+    };
+    let configs = [
+        ("coop256+hint", hinted),
+        ("coop256x4", Sm90Config::COOP_256),
+        ("pp128x6", Sm90Config::PINGPONG_128),
+        ("coop128x6", Sm90Config::COOP_128),
+    ];
+    let mut seed = 400;
+    for (name, cfg) in configs {
+        for accumulate in [false, true] {
+            for counts in [&[0usize, 3, 200, 129, 0][..], &[64, 1, 0, 191][..]] {
+                let c = Case::fwd(counts, 200, 264).with(|c| {
+                    c.kind = GemmKind::Wgrad;
+                    c.config = cfg;
+                    c.out_f32 = true;
+                    c.accumulate = accumulate;
+                });
+                seed += 1;
+                let e = check(&gpu, &c, seed);
+                eprintln!("wgrad f32 {name} accumulate {accumulate} {counts:?}: rel L2 {e:.2e}");
+            }
+        }
+    }
+    for (what, c) in [
+        (
+            "f16",
+            Case::fwd(&[0, 77, 130], 136, 392).with(|c| c.f16 = true),
+        ),
+        (
+            "reversed",
+            Case::fwd(&[65, 0, 300, 1], 264, 392).with(|c| c.reversed = true),
+        ),
+        (
+            "3 CTAs",
+            Case::fwd(&RAGGED, 264, 200).with(|c| c.max_ctas = Some(3)),
+        ),
+    ] {
+        let c = c.with(|c| {
+            c.kind = GemmKind::Wgrad;
+            c.config = hinted;
+            c.out_f32 = true;
+            c.accumulate = true;
+        });
+        seed += 1;
+        let e = check(&gpu, &c, seed);
+        eprintln!("wgrad f32 accumulate {what}: rel L2 {e:.2e}");
+    }
+}
+
+/// Forward (plain, SwiGLU, GeLU, row scale) and dgrad with f32 output, overwriting and
+/// accumulating, on clustered, cooperative and ping-pong configurations.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn forward_and_dgrad_f32_and_accumulate() {
+    let gpu = gpu();
+    if !hopper(&gpu) {
+        return;
+    }
+    let mut seed = 500;
+    for cfg in [
+        Sm90Config::COOP_256_C2,
+        Sm90Config::COOP_256,
+        Sm90Config::PINGPONG_128,
+    ] {
+        for accumulate in [false, true] {
+            let cases = [
+                Case::fwd(&RAGGED, 520, 1000),
+                Case::fwd(&[100, 0, 200, 129], 400, 320).with(|c| {
+                    c.epilogue = Epilogue::SwiGlu;
+                    c.scale = true;
+                }),
+                Case::fwd(&[129, 0, 70], 320, 448).with(|c| c.epilogue = Epilogue::Gelu),
+                Case::fwd(&RAGGED, 1000, 264).with(|c| {
+                    c.kind = GemmKind::Dgrad;
+                    c.scale = true;
+                }),
+            ];
+            for c in cases {
+                let c = c.with(|c| {
+                    c.config = cfg;
+                    c.out_f32 = true;
+                    c.accumulate = accumulate;
+                });
+                seed += 1;
+                let e = check(&gpu, &c, seed);
+                eprintln!(
+                    "{:?} {:?} f32 accumulate {accumulate} cluster {} pp {}: rel L2 {e:.2e}",
+                    c.kind,
+                    c.epilogue,
+                    cfg.cluster,
+                    cfg.schedule == Schedule::PingPong
+                );
+            }
+        }
+    }
+}
+
+/// The pre-activation store of the fused SwiGLU / GeLU epilogue: `h` (gate columns then up
+/// columns) and the activated output both against the reference, guard rows of both
+/// untouched, every configuration, row scale (applied to the output only), f16.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn forward_preactivation_store() {
+    let gpu = gpu();
+    if !hopper(&gpu) {
+        return;
+    }
+    let mut seed = 600;
+    for (name, cfg) in Sm90Config::ALL {
+        for epi in [Epilogue::SwiGlu, Epilogue::Gelu] {
+            let c = Case::fwd(&RAGGED, 400, 328).with(|c| {
+                c.epilogue = epi;
+                c.config = cfg;
+                c.scale = true;
+                c.aux = true;
+            });
+            seed += 1;
+            let e = check(&gpu, &c, seed);
+            eprintln!("{epi:?} + pre-activation {name}: rel L2 {e:.2e}");
+        }
+    }
+    let c = Case::fwd(&[0, 300, 17], 2 * 136, 256).with(|c| {
+        c.epilogue = Epilogue::SwiGlu;
+        c.config = Sm90Config {
+            l2_hint: true,
+            ..Sm90Config::COOP_256_C2
+        };
+        c.f16 = true;
+        c.aux = true;
+    });
+    check(&gpu, &c, 650);
+}
+
+/// Rows per local expert of a random top-k router: `tokens` tokens on each of 2 ranks, the
+/// experts of rank 0 (the first `E / 2`).
+fn local_counts(rng: &mut StdRng, experts: usize, top_k: usize, tokens: usize) -> Vec<usize> {
+    let l = experts / 2;
+    let mut counts = vec![0usize; l];
+    for _ in 0..2 * tokens {
+        let mut chosen: Vec<usize> = Vec::with_capacity(top_k);
+        while chosen.len() < top_k {
+            let e = rng.random_range(0..experts);
+            if !chosen.contains(&e) {
+                chosen.push(e);
+            }
+        }
+        for e in chosen.into_iter().filter(|&e| e < l) {
+            counts[e] += 1;
+        }
+    }
+    counts
+}
+
+/// The four presets' weight-gradient GEMMs at full width (H, F, 2F, E/2 local experts of 2
+/// ranks) with reduced tokens, f32 output: `dW1 [L, H, F] = dyᵀ·a` and
+/// `dW0 [L, 2F, H] = dhᵀ·x` per expert. Operands are device fills (`init::fill_uniform`,
+/// host mirror `uniform_value`); the outputs are checked against an f64 reference on sampled
+/// entries of every checked expert, scanned in full for non-finite values, and an
+/// accumulating run on a copy must give exactly twice the output (bit for bit: same
+/// reduction order, `x + x` is exact). DeepSeek-V3 (128 local experts, 15 GB of f32 dW0)
+/// checks every 4th expert and every expert without rows.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn wgrad_f32_preset_shapes() {
+    use crate::init::{fill_uniform, uniform_value};
+    use comet_core::Preset;
+    let gpu = gpu();
+    if !hopper(&gpu) {
+        return;
+    }
+    let seed0 = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_nanos() as u64);
+    eprintln!("seed {seed0}");
+    let mut rng = StdRng::seed_from_u64(seed0);
+    let tokens = 1024;
+    for preset in Preset::all() {
+        let cfg = preset.config();
+        let (h, f, e, k) = (cfg.hidden(), cfg.ffn(), cfg.experts(), cfg.top_k());
+        let counts = local_counts(&mut rng, e, k, tokens);
+        let l = counts.len();
+        let rows: usize = counts.iter().sum();
+        let cap = rows + 5;
+        let offs: Vec<i32> = std::iter::once(0)
+            .chain(counts.iter().scan(0i32, |acc, &c| {
+                *acc += c as i32;
+                Some(*acc)
+            }))
+            .collect();
+        let doffs = DeviceTensor::from_host(&gpu, &[l + 1], &offs).expect("offsets");
+        let stride = if l > 32 { 4 } else { 1 };
+        // (name, N = rows of each gradient = A's columns, K = B's columns)
+        for (name, n, kk) in [("wgrad1", h, f), ("wgrad0", 2 * f, h)] {
+            let t0 = std::time::Instant::now();
+            let (sa, sb) = (rng.random::<u64>(), rng.random::<u64>());
+            let mut da = DeviceTensor::alloc(&gpu, DType::BF16, &[cap, n]).expect("A");
+            let mut db = DeviceTensor::alloc(&gpu, DType::BF16, &[cap, kk]).expect("B");
+            fill_uniform(&gpu, &mut da, sa, 1.0).expect("fill A");
+            fill_uniform(&gpu, &mut db, sb, 1.0).expect("fill B");
+            let host = |seed: u64, i: usize| bf16::from_f32(uniform_value(seed, i as u64, 1.0));
+            let mut c1 = DeviceTensor::alloc(&gpu, DType::F32, &[l, n, kk]).expect("C");
+            c1.poison(&gpu).expect("poison");
+            let mut flag = DeviceTensor::zeros(&gpu, DType::I32, &[1]).expect("flag");
+            grouped_gemm(
+                &gpu,
+                Sm90Gemm::wgrad(&da, &db, &doffs, &mut c1).error_flag(&mut flag),
+            )
+            .expect("wgrad f32");
+            let mut c2 = DeviceTensor::alloc(&gpu, DType::F32, &[l, n, kk]).expect("C copy");
+            c2.copy_from(&gpu, &c1).expect("copy");
+            grouped_gemm(
+                &gpu,
+                Sm90Gemm::wgrad(&da, &db, &doffs, &mut c2)
+                    .accumulate(true)
+                    .error_flag(&mut flag),
+            )
+            .expect("wgrad f32 accumulate");
+            gpu.synchronize().expect("kernels");
+            let fl: Vec<i32> = flag.to_host(&gpu).expect("flag");
+            assert_eq!(fl[0], 0, "device error flag");
+            let (mut got, mut want) = (Vec::new(), Vec::new());
+            let mut checked = 0;
+            for ex in (0..l).filter(|&x| x % stride == 0 || counts[x] == 0) {
+                let len = n * kk;
+                let v1: Vec<f32> = c1.to_host_range(&gpu, ex * len, len).expect("dl");
+                let v2: Vec<f32> = c2.to_host_range(&gpu, ex * len, len).expect("dl");
+                let bad = v1.iter().filter(|x| !x.is_finite()).count();
+                assert_eq!(
+                    bad,
+                    0,
+                    "{} {name} expert {ex}: {bad} non-finite",
+                    preset.name()
+                );
+                let diff = v1
+                    .iter()
+                    .zip(&v2)
+                    .filter(|(x, y)| (2.0 * **x).to_bits() != y.to_bits())
+                    .count();
+                assert_eq!(
+                    diff,
+                    0,
+                    "{} {name} expert {ex}: accumulate != 2 x overwrite at {diff} entries",
+                    preset.name()
+                );
+                let (r0, r1) = (offs[ex] as usize, offs[ex + 1] as usize);
+                for _ in 0..512 {
+                    let (i, j) = (rng.random_range(0..n), rng.random_range(0..kk));
+                    let mut v = 0f64;
+                    for r in r0..r1 {
+                        v += f64::from(host(sa, r * n + i).to_f32())
+                            * f64::from(host(sb, r * kk + j).to_f32());
+                    }
+                    want.push(v);
+                    got.push(f64::from(v1[i * kk + j]));
+                }
+                if counts[ex] == 0 {
+                    assert!(v1.iter().all(|&x| x == 0.0), "empty expert {ex}: not zero");
+                }
+                checked += 1;
+            }
+            let err = comet_core::numeric::rel_l2(&got, &want);
+            eprintln!(
+                "{} {name}: [{l}, {n}, {kk}] f32, {rows} rows, {checked} experts checked, sampled rel L2 {err:.2e}, {:.1} s",
+                preset.name(),
+                t0.elapsed().as_secs_f64()
+            );
+            assert!(err <= 1e-2, "{} {name}: rel L2 {err:.3e}", preset.name());
+        }
+    }
+}
+
 /// Compiles every specialisation the launcher can ask for (NVRTC only, no GPU): checks the
 /// macros, the shared-memory mirror (`static_assert`) and the parameter-block layout.
 #[test]
@@ -553,6 +942,64 @@ fn nvrtc_compiles_every_specialisation() {
         n, 19,
         "specialisations: 4 configs x 5 (kind, epilogue) minus clustered wgrad"
     );
+    // Store variants: f32 (+ accumulate) for every valid (config, kind, epilogue), the
+    // pre-activation store for the activations; f16 inputs and L2 hints once each.
+    let mut m = 0;
+    for (name, cfg) in Sm90Config::ALL {
+        for kind in [GemmKind::Forward, GemmKind::Dgrad, GemmKind::Wgrad] {
+            for epi in [Epilogue::None, Epilogue::SwiGlu, Epilogue::Gelu] {
+                if cfg.validate(kind, epi).is_err() {
+                    continue;
+                }
+                for store in [
+                    Sm90Store {
+                        f32_out: true,
+                        ..Default::default()
+                    },
+                    Sm90Store {
+                        f32_out: true,
+                        accumulate: true,
+                        aux: false,
+                    },
+                    Sm90Store {
+                        aux: true,
+                        ..Default::default()
+                    },
+                ] {
+                    if store.validate(kind, epi).is_err() {
+                        continue;
+                    }
+                    let d = cfg.defines_store(kind, epi, false, store);
+                    cache
+                        .cubin(&program(), &d, Arch::SM90)
+                        .unwrap_or_else(|e| panic!("{name} {kind:?} {epi:?} {store:?}: {e}"));
+                    m += 1;
+                }
+            }
+        }
+    }
+    assert_eq!(
+        m,
+        19 * 2 + 8,
+        "f32 and f32+accumulate everywhere, aux with activations"
+    );
+    let acc = Sm90Store {
+        f32_out: true,
+        accumulate: true,
+        aux: false,
+    };
+    let d = hinted.defines_store(GemmKind::Forward, Epilogue::None, true, acc);
+    cache
+        .cubin(&program(), &d, Arch::SM90)
+        .expect("f16 f32-out");
+    let wg = Sm90Config {
+        l2_hint: true,
+        ..Sm90Config::COOP_256
+    };
+    let d = wg.defines_store(GemmKind::Wgrad, Epilogue::None, false, acc);
+    cache
+        .cubin(&program(), &d, Arch::SM90)
+        .expect("wgrad default");
     // A wrong shared-memory mirror must fail to compile.
     let mut d = Sm90Config::COOP_256.defines(GemmKind::Forward, Epilogue::None, false, false);
     d.insert("SM90_SMEM_ONE_EXPERT".into(), "1".into());
