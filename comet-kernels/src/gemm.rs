@@ -52,6 +52,14 @@ pub enum Engine {
     Auto,
     /// Always the portable `mma.sync` engine (any sm_80+ device, every option).
     Portable,
+    /// Always the Hopper engine, with every option it implements: f32 C,
+    /// [`GemmArgs::accumulate`] (f32 C only), [`GemmArgs::aux`] (forward with SwiGLU or GeLU,
+    /// 16-bit C), row scale, [`GemmArgs::max_blocks`]. Never falls back: an error on a device
+    /// other than sm_90, without expert offsets, with an explicit [`TileShape`] or
+    /// [`TileList`] (use [`sm90::Sm90Gemm`] for its own tile orders), or for a problem the
+    /// engine does not take (the error of [`sm90::plan`] says why). [`Engine::Auto`] keeps
+    /// f32 and accumulating GEMMs on the portable engine until this path is measured.
+    Hopper,
 }
 
 /// What the epilogue applies to the fp32 accumulators before the store.
@@ -632,6 +640,9 @@ fn check_max_blocks(cap: Option<usize>) -> Result<()> {
 /// Runs a grouped GEMM on `gpu`'s stream (asynchronous; no host synchronisation).
 pub fn grouped_gemm(gpu: &Gpu, args: GemmArgs<'_>) -> Result<()> {
     check_max_blocks(args.max_blocks)?;
+    if args.engine == Engine::Hopper {
+        return hopper(gpu, args);
+    }
     if gpu.arch() == Arch::SM90 && args.hopper_form() {
         if let Some(offsets) = args.offsets {
             let ops = HopperOperands {
@@ -649,6 +660,65 @@ pub fn grouped_gemm(gpu: &Gpu, args: GemmArgs<'_>) -> Result<()> {
         }
     }
     portable(gpu, args)
+}
+
+/// What [`Engine::Hopper`] refuses before looking at the operands.
+fn check_hopper_options(tile: bool, tile_list: bool, offsets: bool) -> Result<()> {
+    if tile {
+        return Err(Error::Invalid(
+            "Engine::Hopper takes no TileShape (the mma.sync engine's tiles; the sm90 engine \
+             picks an Sm90Config)"
+                .into(),
+        ));
+    }
+    if tile_list {
+        return Err(Error::Invalid(
+            "Engine::Hopper takes no TileList (use sm90::Sm90Gemm::tile_order with canonical \
+             tile ids)"
+                .into(),
+        ));
+    }
+    if !offsets {
+        return Err(Error::Invalid(
+            "Engine::Hopper needs expert offsets (the sm90 engine reads each expert's rows \
+             from them)"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Runs a grouped GEMM on the Hopper engine with every option it implements
+/// ([`Engine::Hopper`]); errors instead of falling back.
+fn hopper(gpu: &Gpu, args: GemmArgs<'_>) -> Result<()> {
+    check_hopper_options(
+        args.tile.is_some(),
+        args.tile_list.is_some(),
+        args.offsets.is_some(),
+    )?;
+    let Some(offsets) = args.offsets else {
+        return Err(Error::Invalid("Engine::Hopper needs expert offsets".into()));
+    };
+    let g = match args.kind {
+        GemmKind::Forward => sm90::Sm90Gemm::forward(args.a, args.b, offsets, args.c),
+        GemmKind::Dgrad => sm90::Sm90Gemm::dgrad(args.a, args.b, offsets, args.c),
+        GemmKind::Wgrad => sm90::Sm90Gemm::wgrad(args.a, args.b, offsets, args.c),
+    }
+    .epilogue(args.epilogue)
+    .accumulate(args.accumulate);
+    let g = match args.row_scale {
+        Some(s) => g.row_scale(s),
+        None => g,
+    };
+    let g = match args.aux {
+        Some(aux) => g.aux(aux),
+        None => g,
+    };
+    let g = match args.max_blocks {
+        Some(cap) => g.within_ctas(cap),
+        None => g,
+    };
+    sm90::grouped_gemm(gpu, g)
 }
 
 /// The operands of a GEMM that [`Engine::Auto`] hands to the Hopper engine.
@@ -1006,6 +1076,21 @@ mod tests {
             (p.groups, p.n, p.k, p.b_group_stride),
             (1, 256, 7168, 256 * 7168)
         );
+    }
+
+    #[test]
+    fn explicit_hopper_engine_refuses_what_it_lacks() {
+        check_hopper_options(false, false, true).unwrap();
+        for (tile, list, offsets, word) in [
+            (true, false, true, "TileShape"),
+            (false, true, true, "TileList"),
+            (false, false, false, "offsets"),
+        ] {
+            let e = check_hopper_options(tile, list, offsets).unwrap_err();
+            assert!(matches!(e, Error::Invalid(_)), "{e}");
+            assert!(e.to_string().contains(word), "{e}");
+        }
+        assert_eq!(Engine::default(), Engine::Auto);
     }
 
     #[test]

@@ -7,7 +7,7 @@ mod common;
 
 use comet_kernels::DeviceTensor;
 use comet_kernels::buffer::DType;
-use comet_kernels::gemm::{Epilogue, GemmArgs, TileList, TileShape, grouped_gemm};
+use comet_kernels::gemm::{Engine, Epilogue, GemmArgs, TileList, TileShape, grouped_gemm};
 use common::*;
 use ndarray::s;
 
@@ -22,6 +22,7 @@ struct FwdOpts {
     f32_out: bool,
     tile: Option<TileShape>,
     pad_rows: usize,
+    engine: Engine,
 }
 
 impl Default for FwdOpts {
@@ -34,6 +35,7 @@ impl Default for FwdOpts {
             f32_out: false,
             tile: None,
             pad_rows: 5,
+            engine: Engine::Auto,
         }
     }
 }
@@ -66,7 +68,8 @@ fn check_forward(dtype: DType, counts: &[usize], n: usize, k: usize, o: FwdOpts,
     {
         let mut args = GemmArgs::forward(&a_d, &w_d, Some(&off_d), &mut c_d)
             .epilogue(o.epi)
-            .accumulate(o.accumulate);
+            .accumulate(o.accumulate)
+            .engine(o.engine);
         if o.aux {
             args = args.aux(&mut aux_d);
         }
@@ -558,6 +561,31 @@ fn check_wgrad(
     tile: Option<TileShape>,
     tag: &str,
 ) {
+    check_wgrad_on(
+        Engine::Auto,
+        dtype,
+        out,
+        counts,
+        n,
+        k,
+        accumulate,
+        tile,
+        tag,
+    );
+}
+
+/// [`check_wgrad`] on a chosen engine.
+fn check_wgrad_on(
+    engine: Engine,
+    dtype: DType,
+    out: DType,
+    counts: &[usize],
+    n: usize,
+    k: usize,
+    accumulate: bool,
+    tile: Option<TileShape>,
+    tag: &str,
+) {
     let gpu = gpu();
     let seed = fresh_seed(tag);
     let g = counts.len();
@@ -574,7 +602,9 @@ fn check_wgrad(
     } else {
         poisoned(&gpu, out, &[g, n, k])
     };
-    let mut args = GemmArgs::wgrad(&a_d, &b_d, Some(&off_d), &mut c_d).accumulate(accumulate);
+    let mut args = GemmArgs::wgrad(&a_d, &b_d, Some(&off_d), &mut c_d)
+        .accumulate(accumulate)
+        .engine(engine);
     if let Some(t) = tile {
         args = args.tile(t);
     }
@@ -846,5 +876,150 @@ fn capped_grid_matches_the_full_grid() {
     assert!(
         matches!(err, comet_kernels::Error::Limit { value: 0, .. }),
         "{err}"
+    );
+}
+
+/// `Engine::Hopper`: the Hopper engine with the options `Engine::Auto` keeps on the portable
+/// engine (f32 wgrad with and without accumulation, f32 forward accumulate, the fused
+/// SwiGLU/GeLU with its pre-activation output, row scale, a block cap), each against the f64
+/// reference; and its refusals (explicit tile shape, no offsets, accumulation into bf16, a
+/// non-sm_90 device) are errors, never a silent fallback.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn explicit_hopper_engine() {
+    let gpu = gpu();
+    let hop = Engine::Hopper;
+    let (a_d, w_d) = (
+        upload(&gpu, DType::BF16, &[40, 64], &vec![0.5; 40 * 64]),
+        upload(&gpu, DType::BF16, &[2, 64, 64], &vec![0.5; 2 * 64 * 64]),
+    );
+    let off_d = upload_i32(&gpu, &[3], &[0, 10, 40]);
+    let mut c_d = poisoned(&gpu, DType::BF16, &[40, 64]);
+    if gpu.arch() != comet_kernels::cache::Arch::SM90 {
+        let e = grouped_gemm(
+            &gpu,
+            GemmArgs::forward(&a_d, &w_d, Some(&off_d), &mut c_d).engine(hop),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("compute capability"), "{e}");
+        eprintln!("not sm_90: only the refusal is checked");
+        return;
+    }
+    for (what, err) in [
+        (
+            "tile shape",
+            grouped_gemm(
+                &gpu,
+                GemmArgs::forward(&a_d, &w_d, Some(&off_d), &mut c_d)
+                    .tile(TileShape::T128X128)
+                    .engine(hop),
+            ),
+        ),
+        (
+            "no offsets",
+            grouped_gemm(
+                &gpu,
+                GemmArgs::forward(&a_d, &w_d, None, &mut c_d).engine(hop),
+            ),
+        ),
+        (
+            "bf16 accumulate",
+            grouped_gemm(
+                &gpu,
+                GemmArgs::forward(&a_d, &w_d, Some(&off_d), &mut c_d)
+                    .accumulate(true)
+                    .engine(hop),
+            ),
+        ),
+    ] {
+        let e = err.expect_err(what);
+        assert!(
+            matches!(
+                e,
+                comet_kernels::Error::Invalid(_) | comet_kernels::Error::DType { .. }
+            ),
+            "{what}: {e}"
+        );
+    }
+    check_untouched("refused launches", &download(&gpu, &c_d));
+
+    for (acc, tag) in [(false, "hopper wgrad f32"), (true, "hopper wgrad f32 +=")] {
+        check_wgrad_on(
+            hop,
+            DType::BF16,
+            DType::F32,
+            &[0, 40, 67, 200, 0],
+            136,
+            264,
+            acc,
+            None,
+            tag,
+        );
+    }
+    check_wgrad_on(
+        hop,
+        DType::F16,
+        DType::F32,
+        &[64, 0, 129],
+        64,
+        72,
+        true,
+        None,
+        "hopper wgrad f16 in, f32 +=",
+    );
+    let f32_acc = FwdOpts {
+        f32_out: true,
+        accumulate: true,
+        row_scale: true,
+        engine: hop,
+        ..Default::default()
+    };
+    check_forward(
+        DType::BF16,
+        &[0, 3, 130, 64],
+        264,
+        200,
+        f32_acc,
+        "hopper fwd f32 +=",
+    );
+    for epi in [Epilogue::SwiGlu, Epilogue::Gelu] {
+        let o = FwdOpts {
+            epi,
+            aux: true,
+            row_scale: true,
+            engine: hop,
+            ..Default::default()
+        };
+        check_forward(
+            DType::BF16,
+            &[0, 3, 130, 64],
+            2 * 136,
+            200,
+            o,
+            &format!("hopper fwd {epi:?} + pre-activation"),
+        );
+    }
+    // A block cap through Engine::Hopper (within_ctas: 3 -> one 2-CTA cluster).
+    let mut capped = poisoned(&gpu, DType::F32, &[2, 64, 64]);
+    let mut full = poisoned(&gpu, DType::F32, &[2, 64, 64]);
+    let b_d = upload(
+        &gpu,
+        DType::BF16,
+        &[40, 64],
+        &random_vec(40 * 64, 1.0, DType::BF16, 7),
+    );
+    for (c, cap) in [(&mut capped, Some(3)), (&mut full, None)] {
+        let args = GemmArgs::wgrad(&a_d, &b_d, Some(&off_d), c).engine(hop);
+        let args = match cap {
+            Some(m) => args.max_blocks(m),
+            None => args,
+        };
+        grouped_gemm(&gpu, args).expect("hopper wgrad");
+    }
+    let (x, y) = (download(&gpu, &capped), download(&gpu, &full));
+    assert!(x.iter().all(|v| v.is_finite()));
+    assert!(
+        x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits()),
+        "capped Hopper wgrad differs from the full grid"
     );
 }
