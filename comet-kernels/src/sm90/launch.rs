@@ -475,7 +475,8 @@ impl<'a> Sm90Gemm<'a> {
     }
     /// Add into C (`C += A·B`, e.g. gradient accumulation across calls) instead of
     /// overwriting it; C must be f32. A tile whose reduction is empty (wgrad: an expert
-    /// without rows) leaves its part of C as it was.
+    /// without rows) leaves its part of C as it was. With a [`Sm90Gemm::tile_order`], each
+    /// tile id must appear once (a repeated id would add its tile twice).
     pub fn accumulate(mut self, on: bool) -> Self {
         self.accumulate = on;
         self
