@@ -15,6 +15,7 @@ use crate::error::{Error, Result};
 use crate::forward::Pass;
 use crate::gemm;
 use crate::layer::MoeLayer;
+use crate::options::GemmEngine;
 use crate::plan::{ChunkExchange, Reject};
 
 impl<C: Borrow<Communicator>> MoeLayer<C> {
@@ -53,6 +54,7 @@ impl<C: Borrow<Communicator>> MoeLayer<C> {
             why: "no forward has run since the layer was built or its weights loaded",
         })?;
         self.hopper_used = false;
+        self.hopper_stores_used = false;
         let dweights_all = self
             .tok
             .dweights
@@ -146,6 +148,7 @@ impl<C: Borrow<Communicator>> MoeLayer<C> {
         let t = self.timer.start(&gpu)?;
         let rt = ch.recv_total;
         let (engine, act, sms) = (self.engine(), self.cfg.activation(), self.gemm_sms()?);
+        let stores = self.stores();
         let b = &self.chunks[i];
         let missing = || Error::NoForwardState {
             why: "this layer was built with training = false",
@@ -161,12 +164,14 @@ impl<C: Borrow<Communicator>> MoeLayer<C> {
             let mut dh = b.dh.as_ref().ok_or_else(missing)?.rows(0, rt)?;
             let [_, dw0, dw1] = grads;
             let hop1 = gemm::dgrad(&gpu, engine, &d_out, &self.w1, offsets, &mut da, sms)?;
-            gemm::wgrad_accumulate(&gpu, &d_out, &a, Some(offsets), dw1, sms)?;
+            let (o, e) = (Some(offsets), engine);
+            let w1 = gemm::wgrad_accumulate(&gpu, e, stores, &d_out, &a, o, dw1, sms)?;
             gemm::activation_backward(&gpu, act, &h, &da, &mut dh)?;
-            gemm::wgrad_accumulate(&gpu, &dh, &recv, Some(offsets), dw0, sms)?;
+            let w0 = gemm::wgrad_accumulate(&gpu, e, stores, &dh, &recv, o, dw0, sms)?;
             let mut dx_rows = b.o.rows(0, rt)?;
             let hop0 = gemm::dgrad(&gpu, engine, &dh, &self.w0, offsets, &mut dx_rows, sms)?;
-            self.hopper_used |= hop0 || hop1;
+            self.hopper_used |= hop0 || hop1 || w0 || w1;
+            self.hopper_stores_used |= w0 || w1;
         }
         self.timer.stop("bwd_experts", &gpu, t)?;
         Ok(())
@@ -205,7 +210,10 @@ impl<C: Borrow<Communicator>> MoeLayer<C> {
         )?;
         let grads = self.grads.as_mut().ok_or_else(missing)?;
         // After the join: nothing runs beside the router backward, so no SM cap.
-        gemm::wgrad_accumulate(&gpu, &dlogits_elem, &x, None, &mut grads[0], None)?;
+        // One group: the mma.sync engine whatever the options (the Hopper engine needs
+        // device offsets).
+        let (e, st) = (GemmEngine::MmaSync, gemm::Stores::Portable);
+        gemm::wgrad_accumulate(&gpu, e, st, &dlogits_elem, &x, None, &mut grads[0], None)?;
         self.timer.stop("bwd_router", &gpu, t)?;
         Ok(())
     }

@@ -74,6 +74,12 @@ pub enum Error {
         /// The string given.
         value: String,
     },
+    /// A `COMET_SM90_STORES` value that is neither on nor off.
+    #[error("COMET_SM90_STORES = {value:?} is not supported: expected 1 or 0 (on/off)")]
+    ParseSm90Stores {
+        /// The string given.
+        value: String,
+    },
     /// `Pipelined { chunks: 0 }`.
     #[error("chunks = 0: a pipelined layer needs at least 1 chunk")]
     ZeroChunks,

@@ -104,6 +104,7 @@ impl<C: Borrow<Communicator>> MoeLayer<C> {
         .entered();
         self.state = None;
         self.hopper_used = false;
+        self.hopper_stores_used = false;
         let local = self.check_forward_inputs(x, y);
         let plan = self.route(x, local)?;
         if let Some(saved) = self.tok.x_saved.as_ref() {
@@ -327,11 +328,21 @@ impl<C: Borrow<Communicator>> MoeLayer<C> {
             let recv = b.recv.rows(0, rt)?;
             let mut a = b.a.rows(0, rt)?;
             let mut o = b.o.rows(0, rt)?;
+            let keep_pre = b.h.is_some();
             let hop0 = match b.h.as_ref() {
                 Some(h) => {
                     let mut h = h.rows(0, rt)?;
                     gemm::forward_keep_pre(
-                        &gpu, engine, &recv, &self.w0, offsets, &mut h, &mut a, act, sms,
+                        &gpu,
+                        engine,
+                        self.stores(),
+                        &recv,
+                        &self.w0,
+                        offsets,
+                        &mut h,
+                        &mut a,
+                        act,
+                        sms,
                     )?
                 }
                 None => gemm::forward(
@@ -347,6 +358,7 @@ impl<C: Borrow<Communicator>> MoeLayer<C> {
             };
             let hop1 = gemm::forward(&gpu, engine, &a, &self.w1, offsets, &mut o, None, sms)?;
             self.hopper_used |= hop0 || hop1;
+            self.hopper_stores_used |= hop0 && keep_pre && self.stores() == gemm::Stores::Sm90;
         }
         self.timer.stop("experts", &gpu, t)?;
         Ok(())

@@ -1,9 +1,11 @@
 //! The layer's grouped GEMMs on the chosen engine: the Hopper engine (`comet_kernels::sm90`)
 //! where the device is sm_90 and the problem fits it, else the portable `mma.sync` engine
 //! (`comet_kernels::gemm` with `Engine::Portable`: this module makes the choice itself, so
-//! that [`GemmEngine::MmaSync`] really runs `mma.sync`). Weight gradients always run on the `mma.sync` engine, which
-//! accumulates into fp32 (the Hopper engine's f32 accumulate store exists but is opt-in and
-//! not yet measured: `comet_kernels::gemm::Engine::Hopper`).
+//! that [`GemmEngine::MmaSync`] really runs `mma.sync`). Weight gradients run on the
+//! `mma.sync` engine, which accumulates into fp32, and a training forward's GEMM0 on the
+//! Hopper engine stores the pre-activation before a separate activation kernel, unless
+//! `LayerOptions::sm90_training_stores` (opt-in, not yet measured) turns on the Hopper
+//! engine's f32 accumulate store and its fused pre-activation store: [`Stores`].
 //!
 //! Every expert GEMM takes `sms`: `None` runs the engine's full persistent grid; `Some(n)`
 //! caps it at `n` SMs' worth of blocks (see `LayerOptions::gemm_sm_reserve`), so kernels on
@@ -70,6 +72,29 @@ fn cols(t: &DeviceTensor) -> usize {
     t.shape().last().copied().unwrap_or(0)
 }
 
+/// Which Hopper-engine stores the training GEMMs may use (`LayerOptions::sm90_training_stores`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) enum Stores {
+    /// Weight gradients on `mma.sync`; GEMM0 with the pre-activation on the Hopper engine as
+    /// a GEMM storing `h` plus a separate activation kernel (the default).
+    #[default]
+    Portable,
+    /// Weight gradients on the Hopper engine's f32 accumulate store and GEMM0 with its fused
+    /// pre-activation store, wherever the Hopper engine takes the problem.
+    Sm90,
+}
+
+impl Stores {
+    /// The stores of an option value.
+    pub(crate) fn new(sm90_training_stores: bool) -> Self {
+        if sm90_training_stores {
+            Stores::Sm90
+        } else {
+            Stores::Portable
+        }
+    }
+}
+
 /// Whether the Hopper engine runs a GEMM described by `g` under `choice`.
 fn hopper(gpu: &Gpu, choice: GemmEngine, g: &Sm90Gemm<'_>) -> Result<bool> {
     let smem = gpu.smem_optin() as usize;
@@ -122,12 +147,14 @@ pub(crate) fn forward(
 }
 
 /// GEMM0 of a training forward: the pre-activation `h = a · w[g]ᵀ` is kept and
-/// `out = act(h)`. The `mma.sync` engine fuses both stores; the Hopper engine (no
-/// pre-activation output) stores `h` and a separate kernel applies the activation.
+/// `out = act(h)`. The `mma.sync` engine fuses both stores; the Hopper engine fuses them
+/// too with [`Stores::Sm90`], else it stores `h` and a separate kernel applies the
+/// activation. Returns whether the Hopper engine ran it.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn forward_keep_pre(
     gpu: &Gpu,
     choice: GemmEngine,
+    stores: Stores,
     a: &DeviceTensor,
     w: &DeviceTensor,
     offsets: &DeviceTensor,
@@ -136,13 +163,25 @@ pub(crate) fn forward_keep_pre(
     act: Activation,
     sms: Option<usize>,
 ) -> Result<bool> {
-    let g = cap_sm90(Sm90Gemm::forward(a, w, offsets, h), sms);
-    if hopper(gpu, choice, &g)? {
-        sm90::grouped_gemm(gpu, g)?;
-        activation::activation_forward(gpu, kernel_act(act), h, out, None)?;
-        return Ok(true);
-    }
     let (epi, out_cols) = (epilogue(act), cols(out));
+    if stores == Stores::Sm90 {
+        let g = cap_sm90(
+            Sm90Gemm::forward(a, w, offsets, out).epilogue(epi).aux(h),
+            sms,
+        );
+        if hopper(gpu, choice, &g)? {
+            let _s = tracing::trace_span!("gemm0_fused_pre_activation_sm90").entered();
+            sm90::grouped_gemm(gpu, g)?;
+            return Ok(true);
+        }
+    } else {
+        let g = cap_sm90(Sm90Gemm::forward(a, w, offsets, h), sms);
+        if hopper(gpu, choice, &g)? {
+            sm90::grouped_gemm(gpu, g)?;
+            activation::activation_forward(gpu, kernel_act(act), h, out, None)?;
+            return Ok(true);
+        }
+    }
     let args = GemmArgs::forward(a, w, Some(offsets), out)
         .epilogue(epi)
         .aux(h)
@@ -178,17 +217,31 @@ pub(crate) fn dgrad(
     Ok(false)
 }
 
-/// `dw[g] += a[rows of g]ᵀ · b[rows of g]` into an fp32 `dw [G, N, K]` (`mma.sync` engine;
-/// experts without rows leave their gradient unchanged). `offsets = None`: one group.
+/// `dw[g] += a[rows of g]ᵀ · b[rows of g]` into an fp32 `dw [G, N, K]` (experts without rows
+/// leave their gradient unchanged). `offsets = None`: one group, always on the `mma.sync`
+/// engine (the Hopper engine needs device offsets). With [`Stores::Sm90`] and grouped rows,
+/// the Hopper engine's f32 accumulate store runs it where `choice` gives it the problem (see
+/// [`forward`]); otherwise the `mma.sync` engine. Returns whether the Hopper engine ran it.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn wgrad_accumulate(
     gpu: &Gpu,
+    choice: GemmEngine,
+    stores: Stores,
     a: &DeviceTensor,
     b: &DeviceTensor,
     offsets: Option<&DeviceTensor>,
     dw: &mut DeviceTensor,
     sms: Option<usize>,
-) -> Result<()> {
+) -> Result<bool> {
     let c_cols = cols(dw);
+    if let (Stores::Sm90, Some(offsets)) = (stores, offsets) {
+        let g = cap_sm90(Sm90Gemm::wgrad(a, b, offsets, dw).accumulate(true), sms);
+        if hopper(gpu, choice, &g)? {
+            let _s = tracing::trace_span!("wgrad_accumulate_sm90").entered();
+            sm90::grouped_gemm(gpu, g)?;
+            return Ok(true);
+        }
+    }
     let args = GemmArgs::wgrad(a, b, offsets, dw)
         .accumulate(true)
         .engine(Engine::Portable);
@@ -196,7 +249,7 @@ pub(crate) fn wgrad_accumulate(
         gpu,
         cap_portable(gpu, args, GemmKind::Wgrad, Epilogue::None, c_cols, sms),
     )?;
-    Ok(())
+    Ok(false)
 }
 
 /// The activation backward `dh = act'(h) · da` over all rows of `h`.
@@ -393,6 +446,8 @@ mod tests {
         }
     }
 
+    /// The Hopper engine's description of a grouped GEMM as the layer issues it (weight
+    /// gradients: f32 accumulate; GEMM0 with `h`: the fused pre-activation store).
     fn sm90_desc(g: &G, l: usize) -> Sm90Desc {
         let rows = g.a[0];
         Sm90Desc {
@@ -400,9 +455,9 @@ mod tests {
             a: Meta::new(DType::BF16, &g.a),
             b: Meta::new(DType::BF16, &g.b),
             offsets: Meta::new(DType::I32, &[l + 1]),
-            c: Meta::new(DType::BF16, &g.c),
-            accumulate: false,
-            aux: None,
+            c: Meta::new(if g.c_f32 { DType::F32 } else { DType::BF16 }, &g.c),
+            accumulate: g.kind == GemmKind::Wgrad,
+            aux: g.aux.as_ref().map(|s| Meta::new(DType::BF16, s)),
             epilogue: g.epi,
             row_scale: None,
             tile_order: None,
@@ -467,6 +522,47 @@ mod tests {
         }
     }
 
+    /// With `sm90_training_stores`, the Hopper engine takes every grouped weight gradient
+    /// (f32 accumulate) and the training GEMM0 with its pre-activation output of the presets
+    /// (full size and the GPU tests' shrunk ones) and the GPU tests' shapes, at several row
+    /// counts: the `sm90_stores` GPU tests run the Hopper stores, not a fallback.
+    #[test]
+    fn the_hopper_engine_takes_the_sm90_stores_training_gemms() {
+        let mut taken = 0;
+        for (name, cfg, w) in configs() {
+            let l = cfg.experts() / w;
+            for (rows, m) in [(1, 1), (77, 93), (16384, 8192)] {
+                for g in layer_gemms(&cfg, l, rows, m) {
+                    if !g.grouped || (g.kind != GemmKind::Wgrad && g.aux.is_none()) {
+                        continue;
+                    }
+                    let d = sm90_desc(&g, l);
+                    let p = sm90::plan(&d, OPTIN as usize)
+                        .unwrap_or_else(|e| panic!("{name}, rows {rows}: {}: {e}", g.name));
+                    assert_eq!(
+                        (p.store.f32_out, p.store.accumulate, p.store.aux),
+                        (
+                            g.kind == GemmKind::Wgrad,
+                            g.kind == GemmKind::Wgrad,
+                            g.aux.is_some()
+                        ),
+                        "{name}: {}",
+                        g.name
+                    );
+                    // The SM cap of a pipelined layer (a single CTA at the extreme).
+                    for cap in [d.config.cluster, 116] {
+                        let mut capped = d.clone();
+                        capped.max_ctas = Some(cap);
+                        sm90::plan(&capped, OPTIN as usize)
+                            .unwrap_or_else(|e| panic!("{name}: {} cap {cap}: {e}", g.name));
+                    }
+                    taken += 1;
+                }
+            }
+        }
+        assert!(taken >= 3 * 3 * 20, "{taken}");
+    }
+
     /// The specialisations the layer compiles on an H200 (the full presets on 2 GPUs, both
     /// engines) go through NVRTC for sm_90a. Run with `LD_LIBRARY_PATH=/usr/local/cuda/lib
     /// CUDA_HOME=/usr/local/cuda cargo test -p comet-layer --lib -- --ignored`.
@@ -489,7 +585,7 @@ mod tests {
                         .cubin(&gemm::program(), &plan.defines, Arch::SM90)
                         .unwrap_or_else(|e| panic!("{key}: {e}"));
                 }
-                if g.grouped && g.kind != GemmKind::Wgrad && g.aux.is_none() {
+                if g.grouped {
                     let plan = sm90::plan(&sm90_desc(&g, l), OPTIN as usize).unwrap();
                     let key = format!("sm90 {:?}", plan.defines);
                     if seen.insert(key.clone()) {
@@ -539,7 +635,7 @@ mod tests {
                         gemm::program(),
                         gemm::plan(&mma_desc(&g, l)).unwrap().defines,
                     );
-                    if g.grouped && g.kind != GemmKind::Wgrad && g.aux.is_none() {
+                    if g.grouped {
                         if let Ok(p) = sm90::plan(&sm90_desc(&g, l), OPTIN as usize) {
                             add(sm90::program(), p.defines);
                         }

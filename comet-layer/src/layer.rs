@@ -93,6 +93,9 @@ pub struct MoeLayer<C: Borrow<Communicator> = Communicator> {
     pub(crate) ev_join: CudaEvent,
     /// Whether the last call ran an expert GEMM on the Hopper engine.
     pub(crate) hopper_used: bool,
+    /// Whether the last call ran a training GEMM on the Hopper engine's opt-in stores
+    /// ([`LayerOptions::sm90_training_stores`]).
+    pub(crate) hopper_stores_used: bool,
 }
 
 impl<C: Borrow<Communicator>> std::fmt::Debug for MoeLayer<C> {
@@ -211,7 +214,7 @@ impl<C: Borrow<Communicator>> MoeLayer<C> {
         )?;
         opts.gemm_sms(usize::try_from(sms).unwrap_or(0))?;
         let ours = format!(
-            "H={h} F={f} E={e} k={k} act={} renorm={} dtype={} W={} strategy={} max_tokens={} training={} engine={}",
+            "H={h} F={f} E={e} k={k} act={} renorm={} dtype={} W={} strategy={} max_tokens={} training={} engine={} sm90_stores={}",
             cfg.activation(),
             cfg.renormalize(),
             cfg.dtype(),
@@ -219,7 +222,8 @@ impl<C: Borrow<Communicator>> MoeLayer<C> {
             opts.strategy,
             opts.max_tokens,
             opts.training,
-            opts.engine
+            opts.engine,
+            opts.sm90_training_stores
         );
         check_same_everywhere(c, &ours)?;
 
@@ -300,6 +304,7 @@ impl<C: Borrow<Communicator>> MoeLayer<C> {
             ev_fork: event()?,
             ev_join: event()?,
             hopper_used: false,
+            hopper_stores_used: false,
         })
     }
 
@@ -354,6 +359,13 @@ impl<C: Borrow<Communicator>> MoeLayer<C> {
     /// Whether the last call ran expert GEMMs on the Hopper engine.
     pub fn used_hopper_engine(&self) -> bool {
         self.hopper_used
+    }
+    /// Whether the last call ran a training GEMM on the Hopper engine's opt-in stores
+    /// ([`LayerOptions::sm90_training_stores`]): a training forward's GEMM0 with the fused
+    /// pre-activation store, or a backward's expert weight gradients on the f32 accumulate
+    /// store. Always `false` with the option off.
+    pub fn used_hopper_stores(&self) -> bool {
+        self.hopper_stores_used
     }
     /// Device memory of the call buffers, in bytes (weights and gradients not included).
     pub fn workspace_bytes(&self) -> u64 {
@@ -569,6 +581,12 @@ impl<C: Borrow<Communicator>> MoeLayer<C> {
 
     pub(crate) fn engine(&self) -> GemmEngine {
         self.opts.engine
+    }
+
+    /// The Hopper-engine stores the training GEMMs may use
+    /// ([`LayerOptions::sm90_training_stores`]).
+    pub(crate) fn stores(&self) -> crate::gemm::Stores {
+        crate::gemm::Stores::new(self.opts.sm90_training_stores)
     }
 
     /// SMs the expert GEMMs may use (`None`: all; see [`LayerOptions::gemm_sm_reserve`]).

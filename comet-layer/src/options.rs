@@ -109,7 +109,7 @@ pub enum GemmEngine {
 }
 
 impl GemmEngine {
-    /// The environment variable [`LayerOptions::default`] reads (`auto`, `mma`, `sm90`).
+    /// The environment variable [`LayerOptions::new`] reads (`auto`, `mma`, `sm90`).
     pub const ENV: &'static str = "COMET_GEMM_ENGINE";
 
     /// The engine `COMET_GEMM_ENGINE` names, or [`GemmEngine::Auto`] when it is unset.
@@ -171,6 +171,16 @@ pub struct LayerOptions {
     /// (nothing runs beside its GEMMs). Must be below the device's SM count
     /// ([`crate::Error::SmReserve`]). See [`SUGGESTED_GEMM_SM_RESERVE`].
     pub gemm_sm_reserve: usize,
+    /// Not yet measured; turns on the Hopper engine for weight gradients and the fused
+    /// pre-activation store. When the Hopper engine takes a layer's GEMMs (the same rule as
+    /// [`LayerOptions::engine`]: `auto` on sm_90 where the problem fits, or `sm90`), the
+    /// expert weight gradients run on its f32 accumulate store (`dW[g] += aᵀ·b`) and a
+    /// training forward's GEMM0 stores the pre-activation and the activation in one kernel;
+    /// `false` (the default) keeps them on the `mma.sync` engine and the separate activation
+    /// kernel. Default from `COMET_SM90_STORES` (`1` or `0`, see
+    /// [`LayerOptions::SM90_STORES_ENV`]). The router's weight gradient (one group) always
+    /// runs on `mma.sync`.
+    pub sm90_training_stores: bool,
 }
 
 impl LayerOptions {
@@ -184,7 +194,47 @@ impl LayerOptions {
             training: true,
             engine: GemmEngine::from_env().unwrap_or(GemmEngine::Auto),
             gemm_sm_reserve: 0,
+            sm90_training_stores: Self::sm90_stores_from_env().unwrap_or(false),
         }
+    }
+
+    /// The environment variable [`LayerOptions::new`] reads for
+    /// [`LayerOptions::sm90_training_stores`]: `1` (on) or `0` (off); `on`/`off` and
+    /// `true`/`false` are accepted too.
+    pub const SM90_STORES_ENV: &'static str = "COMET_SM90_STORES";
+
+    /// The value `COMET_SM90_STORES` names, or `false` when it is unset.
+    ///
+    /// # Errors
+    /// [`Error::ParseSm90Stores`] for a value that is not `1` or `0`.
+    pub fn sm90_stores_from_env() -> Result<bool> {
+        match std::env::var(Self::SM90_STORES_ENV) {
+            Ok(v) => Self::parse_sm90_stores(&v),
+            Err(_) => Ok(false),
+        }
+    }
+
+    /// Parses a `COMET_SM90_STORES` value: `1`, `on`, `true` (on) or `0`, `off`, `false`
+    /// (off), case and surrounding blanks ignored.
+    ///
+    /// # Errors
+    /// [`Error::ParseSm90Stores`] naming the value otherwise.
+    pub fn parse_sm90_stores(s: &str) -> Result<bool> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "1" | "on" | "true" => Ok(true),
+            "0" | "off" | "false" => Ok(false),
+            _ => Err(Error::ParseSm90Stores {
+                value: s.to_string(),
+            }),
+        }
+    }
+
+    /// The same options with the Hopper engine's training stores on or off (not yet
+    /// measured; turns on the Hopper engine for weight gradients and the fused
+    /// pre-activation store). See [`LayerOptions::sm90_training_stores`].
+    pub fn sm90_training_stores(mut self, on: bool) -> Self {
+        self.sm90_training_stores = on;
+        self
     }
 
     /// The same options with `sms` SMs left free by the pipelined expert GEMMs.
@@ -237,6 +287,9 @@ impl LayerOptions {
         }
         if std::env::var(GemmEngine::ENV).is_ok() {
             GemmEngine::from_env()?;
+        }
+        if std::env::var(Self::SM90_STORES_ENV).is_ok() {
+            Self::sm90_stores_from_env()?;
         }
         Ok(())
     }
@@ -331,6 +384,35 @@ mod tests {
                 .training(false)
                 .training
         );
+    }
+
+    #[test]
+    fn sm90_stores_option_and_env_values_parse() {
+        let o = LayerOptions::new(Strategy::Sequential, 16);
+        // The default is whatever COMET_SM90_STORES says (off when unset); the builder wins.
+        let from_env = LayerOptions::sm90_stores_from_env().unwrap_or(false);
+        assert_eq!(o.sm90_training_stores, from_env);
+        assert!(o.clone().sm90_training_stores(true).sm90_training_stores);
+        assert!(!o.clone().sm90_training_stores(false).sm90_training_stores);
+        assert_ne!(
+            o.clone().sm90_training_stores(true),
+            o.clone().sm90_training_stores(false)
+        );
+        for on in ["1", "on", " ON ", "true"] {
+            assert!(LayerOptions::parse_sm90_stores(on).unwrap(), "{on}");
+        }
+        for off in ["0", "off", "False\n"] {
+            assert!(!LayerOptions::parse_sm90_stores(off).unwrap(), "{off}");
+        }
+        for bad in ["", "2", "yes", "sm90"] {
+            let e = LayerOptions::parse_sm90_stores(bad).unwrap_err();
+            assert!(
+                matches!(&e, Error::ParseSm90Stores { value } if value == bad),
+                "{bad:?}: {e}"
+            );
+            assert!(e.to_string().contains("COMET_SM90_STORES"), "{e}");
+        }
+        assert_eq!(LayerOptions::SM90_STORES_ENV, "COMET_SM90_STORES");
     }
 
     #[test]

@@ -274,6 +274,135 @@ fn sm_reserve(comm: &Communicator) -> Result<(), String> {
     }
 }
 
+/// `LayerOptions::sm90_training_stores` on: the expert weight gradients on the Hopper
+/// engine's f32 accumulate store and the training GEMM0's fused pre-activation store, against
+/// the same reference. `check_rank` also checks that the stores ran (on sm_90 with `auto`).
+fn stores_on(o: LayerOptions) -> LayerOptions {
+    o.sm90_training_stores(true)
+}
+
+/// The shrunk presets, Sequential and Pipelined, stores on (auto engine).
+fn sm90_stores_presets_1gpu(comm: &Communicator) -> Result<(), String> {
+    run_cases_with(
+        comm,
+        &preset_cases(&[93]),
+        &[SEQ, PIPE3],
+        &[GemmEngine::Auto],
+        stores_on,
+    )
+}
+
+fn sm90_stores_presets_2gpu(comm: &Communicator) -> Result<(), String> {
+    run_cases_with(
+        comm,
+        &preset_cases(&[96, 77]),
+        &[SEQ, PIPE2],
+        &[GemmEngine::Auto],
+        stores_on,
+    )
+}
+
+/// Stores on, 2 GPUs: empty experts (odd experts get no rows: their dW must stay as the
+/// accumulate store found it), one rank receiving nothing, GeLU, top-8; auto and the explicit
+/// `sm90` engine (which errors instead of falling back), Sequential and Pipelined.
+fn sm90_stores_edges_2gpu(comm: &Communicator) -> Result<(), String> {
+    let mix = shrunk(Preset::Mixtral8x7B, 16);
+    let cases = vec![
+        Case::new("even-experts", mix, &[64, 51], Route::EvenExperts, 7001),
+        Case::new("one-rank", mix, &[64, 51], Route::OneRank, 7002),
+        Case::new(
+            "gelu",
+            custom(192, 136, 8, 2, Activation::Gelu, false),
+            &[50, 61],
+            Route::Random,
+            7003,
+        ),
+        Case::new(
+            "top8",
+            custom(128, 64, 16, 8, Activation::SwiGlu, true),
+            &[70, 45],
+            Route::Random,
+            7004,
+        ),
+    ];
+    run_cases_with(
+        comm,
+        &cases,
+        &[SEQ, PIPE3],
+        &[GemmEngine::Auto, GemmEngine::Sm90],
+        stores_on,
+    )
+}
+
+/// Stores on: two forward + backward passes accumulate twice the gradients (the f32
+/// accumulate store adds to what the first pass left); Pipelined with the suggested SM
+/// reserve and with one SM left to the GEMMs (every weight-gradient CTA walks many tiles).
+fn sm90_stores_accumulate_and_reserve(comm: &Communicator) -> Result<(), String> {
+    let cfg = shrunk(Preset::Qwen2Moe2_7B, 16);
+    let tokens: Vec<usize> = [80, 61][..comm.world_size()].to_vec();
+    let c = Case::new("sm90-stores-repeat", cfg, &tokens, Route::Random, 7101);
+    let r = reference(&c);
+    let sms = comm.context().attribute(
+        cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+    );
+    let sms = sms.map_err(|e| format!("SM count: {e}"))? as usize;
+    for (s, reserve) in [
+        (SEQ, 0),
+        (PIPE2, 0),
+        (PIPE2, comet_layer::SUGGESTED_GEMM_SM_RESERVE),
+        (PIPE2, sms - 1),
+    ] {
+        let opts = LayerOptions::new(s, 80)
+            .gemm_sm_reserve(reserve)
+            .sm90_training_stores(true);
+        let mut layer = build_opts(comm, &c, &r, opts)?;
+        let line = check_rank(&mut layer, &c, &r, 2)
+            .map_err(|e| format!("{s} reserve {reserve} twice: {e}"))?;
+        println!(
+            "case sm90-stores repeat / {s} reserve {reserve} x2 rank {}: {line} (stores: {})",
+            comm.rank(),
+            layer.used_hopper_stores()
+        );
+    }
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn w1_threads_sm90_stores_presets() {
+    in_threads(1, sm90_stores_presets_1gpu);
+}
+
+#[test]
+#[ignore = "needs 2 CUDA GPUs"]
+fn w2_threads_sm90_stores_presets() {
+    in_threads(2, sm90_stores_presets_2gpu);
+}
+
+#[test]
+#[ignore = "needs 2 CUDA GPUs"]
+fn w2_procs_sm90_stores_presets() {
+    in_processes("w2_procs_sm90_stores_presets", 2, sm90_stores_presets_2gpu);
+}
+
+#[test]
+#[ignore = "needs 2 CUDA GPUs"]
+fn w2_threads_sm90_stores_edges() {
+    in_threads(2, sm90_stores_edges_2gpu);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn w1_threads_sm90_stores_accumulate_and_reserve() {
+    in_threads(1, sm90_stores_accumulate_and_reserve);
+}
+
+#[test]
+#[ignore = "needs 2 CUDA GPUs"]
+fn w2_threads_sm90_stores_accumulate_and_reserve() {
+    in_threads(2, sm90_stores_accumulate_and_reserve);
+}
+
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn w1_threads_sm_reserve() {

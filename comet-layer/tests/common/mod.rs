@@ -372,10 +372,12 @@ pub fn check_rank<C: std::borrow::Borrow<Communicator>>(
             ));
         }
         layer.check_device_status().map_err(err)?;
+        check_stores_ran(layer, "forward")?;
         let yv = download_f32(layer.gpu(), &y).map_err(|e| e.to_string())?;
         let ey = close("y", &yv, &flat(&r.fwd.ranks[rank].y), TOL)?;
         let mut dx = poisoned(layer, m);
         layer.backward_into(&dy, &mut dx).map_err(err)?;
+        check_stores_ran(layer, "backward")?;
         let dxv = download_f32(layer.gpu(), &dx).map_err(|e| e.to_string())?;
         let edx = close("dx", &dxv, &flat(&r.grads.ranks[rank].dx), TOL)?;
         if pass == 0 {
@@ -397,6 +399,35 @@ pub fn check_rank<C: std::borrow::Borrow<Communicator>>(
     Ok(summary.join(", "))
 }
 
+/// Whether the layer's last call ran the Hopper engine's opt-in training stores exactly when
+/// it should: `LayerOptions::sm90_training_stores` on, the Hopper engine chosen (`auto` on
+/// sm_90 — every shape of these tests fits it, see comet-layer's
+/// `the_hopper_engine_takes_the_sm90_stores_training_gemms` — or `sm90`) and rows received.
+/// So an `sm90_stores` test cannot pass on a silent fallback to `mma.sync`, and the option
+/// off never runs them.
+pub fn check_stores_ran<C: std::borrow::Borrow<Communicator>>(
+    layer: &MoeLayer<C>,
+    call: &str,
+) -> Result<(), String> {
+    let o = layer.options();
+    let hopper = match o.engine {
+        GemmEngine::MmaSync => false,
+        GemmEngine::Auto => layer.gpu().arch() == comet_kernels::cache::Arch::SM90,
+        GemmEngine::Sm90 => true,
+    };
+    let rows = layer.last_received_rows().unwrap_or(0) > 0;
+    let want = o.sm90_training_stores && o.training && hopper && rows;
+    let got = layer.used_hopper_stores();
+    if got != want {
+        return Err(format!(
+            "{call}: Hopper training stores ran: {got}, expected {want} (option {}, engine {}, \
+             rows received: {rows})",
+            o.sm90_training_stores, o.engine
+        ));
+    }
+    Ok(())
+}
+
 /// Runs every (case, strategy, engine) on this rank, printing one line per run; the first
 /// failure is the error.
 pub fn run_cases(
@@ -404,6 +435,18 @@ pub fn run_cases(
     cases: &[Case],
     strategies: &[Strategy],
     engines: &[GemmEngine],
+) -> Result<(), String> {
+    run_cases_with(comm, cases, strategies, engines, |o| o)
+}
+
+/// [`run_cases`] with the layer options adjusted by `adjust` (e.g. the Hopper training
+/// stores on); the case lines name the adjusted options' stores and SM reserve.
+pub fn run_cases_with(
+    comm: &Communicator,
+    cases: &[Case],
+    strategies: &[Strategy],
+    engines: &[GemmEngine],
+    adjust: impl Fn(LayerOptions) -> LayerOptions,
 ) -> Result<(), String> {
     for c in cases {
         if c.world() != comm.world_size() {
@@ -418,14 +461,20 @@ pub fn run_cases(
             }
             for &engine in engines {
                 let t1 = Instant::now();
-                let mut layer = build(comm, c, &r, s, engine, c.max_tokens())?;
+                let opts = adjust(LayerOptions::new(s, c.max_tokens()).engine(engine));
+                let extra = match (opts.sm90_training_stores, opts.gemm_sm_reserve) {
+                    (false, 0) => String::new(),
+                    (st, r) => format!(" (sm90 stores {st}, reserve {r})"),
+                };
+                let mut layer = build_opts(comm, c, &r, opts)?;
                 let line = check_rank(&mut layer, c, &r, 1)
-                    .map_err(|e| format!("case {} / {s} / {engine}: {e}", c.name))?;
+                    .map_err(|e| format!("case {} / {s} / {engine}{extra}: {e}", c.name))?;
                 println!(
-                    "case {} / {s} / {engine} rank {}: {line} (hopper: {}, ref {t_ref:.1} s, run {:.1} s)",
+                    "case {} / {s} / {engine}{extra} rank {}: {line} (hopper: {}, stores: {}, ref {t_ref:.1} s, run {:.1} s)",
                     c.name,
                     comm.rank(),
                     layer.used_hopper_engine(),
+                    layer.used_hopper_stores(),
                     t1.elapsed().as_secs_f64()
                 );
             }
