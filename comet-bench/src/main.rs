@@ -101,6 +101,18 @@ struct RunArgs {
     /// comma separated to sweep (one case each, labelled pipelined+rN); 0 = every SM.
     #[arg(long, value_delimiter = ',', default_value = "0")]
     gemm_sm_reserve: Vec<usize>,
+    /// The Hopper engine's training stores (LayerOptions::sm90_training_stores, not yet
+    /// measured) in the forward + backward cases (needs --backward): bare flag = on; or comma
+    /// separated on/off (1/0), e.g. off,on to time both, one case each (on is labelled +s90,
+    /// e.g. sequential+s90, pipelined+r16+s90).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        num_args = 0..=1,
+        default_value = "off",
+        default_missing_value = "on"
+    )]
+    sm90_stores: Vec<String>,
     /// Size n of the dense n³ bf16 GEMM measured for the compute floor.
     #[arg(long, default_value_t = 8192)]
     dense_n: usize,
@@ -220,6 +232,7 @@ fn run(cli: Cli) -> comet_bench::Result<()> {
                 phases: !a.no_phases,
                 engine: a.engine,
                 gemm_sm_reserve: a.gemm_sm_reserve,
+                sm90_stores: a.sm90_stores,
                 dense_n: a.dense_n,
                 seed: a.seed,
                 local_gpus: a.local_gpus,
@@ -270,4 +283,37 @@ fn run(cli: Cli) -> comet_bench::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_args(args: &[&str]) -> RunArgs {
+        let argv = ["comet-bench", "run"].iter().chain(args).copied();
+        match Cli::try_parse_from(argv).unwrap().cmd {
+            Cmd::Run(a) => *a,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn sm90_stores_flag_forms() {
+        assert_eq!(run_args(&[]).sm90_stores, ["off"]);
+        assert_eq!(run_args(&["--sm90-stores"]).sm90_stores, ["on"]);
+        assert_eq!(
+            run_args(&["--sm90-stores", "--backward"]).sm90_stores,
+            ["on"]
+        );
+        assert!(run_args(&["--sm90-stores", "--backward"]).backward);
+        assert_eq!(
+            run_args(&["--sm90-stores", "off,on"]).sm90_stores,
+            ["off", "on"]
+        );
+        assert_eq!(run_args(&["--sm90-stores=1"]).sm90_stores, ["1"]);
+        assert_eq!(
+            run_args(&["--gemm-sm-reserve", "0,16"]).gemm_sm_reserve,
+            [0, 16]
+        );
+    }
 }

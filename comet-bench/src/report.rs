@@ -28,6 +28,7 @@
 //! the busiest rank's bytes / time. Share of communication hidden (comet-rs's overlapping
 //! strategies) = (t_sequential − t) / (Sequential's dispatch + combine time).
 
+use crate::run::STORES_SUFFIX;
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
@@ -458,21 +459,37 @@ pub fn gather_inputs(inputs: Vec<(PathBuf, Input)>, date: &str) -> Result<Result
         }
     }
     cases.sort_by(|a, b| a.key.cmp(&b.key));
-    // Share of Sequential's communication hidden by the other comet-rs strategies.
-    let seq: BTreeMap<(String, Group), (f64, Option<f64>)> = cases
+    // Share of Sequential's communication hidden by the other comet-rs strategies, each
+    // against Sequential with the same GEMM stores (`+s90` cases against `sequential+s90`,
+    // so a faster weight gradient is not counted as hidden communication).
+    let seq_stores = format!("sequential{STORES_SUFFIX}");
+    let baseline = |s: &str| -> String {
+        if s.ends_with(STORES_SUFFIX) {
+            seq_stores.clone()
+        } else {
+            "sequential".to_string()
+        }
+    };
+    let seq: BTreeMap<(String, String, Group), (f64, Option<f64>)> = cases
         .iter()
-        .filter(|c| c.key.strategy == "sequential")
+        .filter(|c| c.key.strategy == "sequential" || c.key.strategy == seq_stores)
         .map(|c| {
             let comm = match (c.phases_ms.get("dispatch"), c.phases_ms.get("combine")) {
                 (Some(d), Some(k)) if d + k > 0.0 => Some(d + k),
                 _ => None,
             };
-            ((c.key.preset.clone(), c.key.group()), (c.ms, comm))
+            let key = (c.key.strategy.clone(), c.key.preset.clone(), c.key.group());
+            (key, (c.ms, comm))
         })
         .collect();
-    let overlapping = |s: &str| s != "sequential" && s != "pytorch";
+    let overlapping = |s: &str| !s.starts_with("sequential") && s != "pytorch";
     for c in cases.iter_mut().filter(|c| overlapping(&c.key.strategy)) {
-        if let Some((t_seq, Some(t_comm))) = seq.get(&(c.key.preset.clone(), c.key.group())) {
+        let key = (
+            baseline(&c.key.strategy),
+            c.key.preset.clone(),
+            c.key.group(),
+        );
+        if let Some((t_seq, Some(t_comm))) = seq.get(&key) {
             c.comm_hidden = Some((t_seq - c.ms) / t_comm);
         }
     }
@@ -974,6 +991,33 @@ mod tests {
         // Sequential comm = dispatch 1.5 + combine 1.0 = 2.5 ms; (5 - 3) / 2.5 = 0.8.
         assert!((comet.comm_hidden.unwrap() - 0.8).abs() < 1e-9);
         assert_eq!(r.git_commit.as_deref(), Some("abc123"));
+    }
+
+    /// `+s90` cases (Hopper training stores on) hide communication relative to
+    /// `sequential+s90`; `sequential+s90` itself is a baseline, not an overlap.
+    #[test]
+    fn sm90_stores_cases_compare_with_their_own_sequential() {
+        let cases = vec![
+            case("mixtral-8x7b", "sequential", 5.0),
+            case("mixtral-8x7b", "pipelined", 4.0),
+            case("mixtral-8x7b", "sequential+s90", 4.0),
+            case("mixtral-8x7b", "pipelined+r16+s90", 3.4),
+        ];
+        let r = gather(vec![rank(0, 1, cases)], "2026-11-29").unwrap();
+        let hidden = |s: &str| {
+            r.cases
+                .iter()
+                .find(|c| c.key.strategy == s)
+                .unwrap()
+                .comm_hidden
+        };
+        assert_eq!(hidden("sequential"), None);
+        assert_eq!(hidden("sequential+s90"), None);
+        // Sequential comm 1.5 + 1.0 = 2.5 ms: (5 - 4) / 2.5 = 0.4.
+        assert!((hidden("pipelined").unwrap() - 0.4).abs() < 1e-9);
+        // sequential+s90 comm 1.2 + 0.8 = 2.0 ms: (4 - 3.4) / 2.0 = 0.3.
+        assert!((hidden("pipelined+r16+s90").unwrap() - 0.3).abs() < 1e-9);
+        assert!(table(&r).contains("sequential+s90"));
     }
 
     #[test]

@@ -9,6 +9,9 @@
 //!   on the layer's compute stream around the call); the median is reported;
 //! - **forward + backward** (`--backward`): a training layer, the same with forward then
 //!   backward per timed iteration;
+//! - `--sm90-stores on` (or `off,on`): the forward + backward case again with
+//!   `LayerOptions::sm90_training_stores` on, labelled `+s90` (no forward-only case: an
+//!   inference layer has no training stores; needs `--backward`);
 //! - **phases**: a separate phase-timed pass of `--iters` calls with per-phase CUDA events
 //!   (`MoeLayer::set_phase_timing`), the median per phase reported. With the pipelined
 //!   strategy the per-chunk intervals of a phase are summed on the stream they run on, so
@@ -70,6 +73,9 @@ pub struct RunRequest {
     /// SMs the pipelined strategies' expert GEMMs leave free, one case per value
     /// (`LayerOptions::gemm_sm_reserve`; `[0]` = every SM, as before; Sequential runs once).
     pub gemm_sm_reserve: Vec<usize>,
+    /// `LayerOptions::sm90_training_stores` values, one case per value (`on`/`off`, `1`/`0`;
+    /// `["off"]` = as before). On is labelled `+s90`.
+    pub sm90_stores: Vec<String>,
     /// Dense GEMM size.
     pub dense_n: usize,
     /// Seed of weights and inputs.
@@ -99,6 +105,7 @@ impl Default for RunRequest {
             phases: true,
             engine: "auto".into(),
             gemm_sm_reserve: vec![0],
+            sm90_stores: vec!["off".into()],
             dense_n: 8192,
             seed: 0,
             local_gpus: None,
@@ -127,8 +134,9 @@ pub struct RunPlan {
     pub strategies: Vec<Strategy>,
     /// GEMM engine.
     pub engine: GemmEngine,
-    /// The (strategy, GEMM SM reserve) pairs timed per shape and token count, in order.
-    pub variants: Vec<(Strategy, usize)>,
+    /// The (strategy, GEMM SM reserve, Hopper training stores) cases timed per shape and
+    /// token count, in order.
+    pub variants: Vec<(Strategy, usize, bool)>,
     /// The request.
     pub req: RunRequest,
 }
@@ -150,15 +158,23 @@ pub fn strategy_label(s: Strategy) -> String {
     }
 }
 
-/// The report label of a strategy whose expert GEMMs leave `reserve` SMs free:
-/// [`strategy_label`], with `+r<reserve>` when `reserve > 0` (e.g. `pipelined+r16`).
-pub fn variant_label(s: Strategy, reserve: usize) -> String {
-    if reserve == 0 {
-        strategy_label(s)
-    } else {
-        format!("{}+r{reserve}", strategy_label(s))
+/// The report label of a strategy whose expert GEMMs leave `reserve` SMs free, with the
+/// Hopper engine's training stores on or off: [`strategy_label`], with `+r<reserve>` when
+/// `reserve > 0` and `+s90` when the stores are on (e.g. `pipelined+r16`, `sequential+s90`,
+/// `pipelined+r16+s90`).
+pub fn variant_label(s: Strategy, reserve: usize, sm90_stores: bool) -> String {
+    let mut label = strategy_label(s);
+    if reserve > 0 {
+        label += &format!("+r{reserve}");
     }
+    if sm90_stores {
+        label += STORES_SUFFIX;
+    }
+    label
 }
+
+/// The label suffix of a case with `LayerOptions::sm90_training_stores` on.
+pub const STORES_SUFFIX: &str = "+s90";
 
 fn shape_of(req: &RunRequest, name: &str) -> Result<Shape> {
     let (base, label) = if name.eq_ignore_ascii_case("custom") {
@@ -271,15 +287,34 @@ pub fn plan(req: &RunRequest) -> Result<RunPlan> {
             "at least one value (0 = every SM)",
         ));
     }
+    if req.sm90_stores.is_empty() {
+        return Err(arg("--sm90-stores", "(none)", "at least one of off, on"));
+    }
+    let mut stores = Vec::new();
+    for v in &req.sm90_stores {
+        let on = LayerOptions::parse_sm90_stores(v)
+            .map_err(|_| arg("--sm90-stores", v, "off or on (0 or 1), comma separated"))?;
+        if !stores.contains(&on) {
+            stores.push(on);
+        }
+    }
+    if stores.contains(&true) && !req.backward {
+        return Err(arg(
+            "--sm90-stores",
+            req.sm90_stores.join(","),
+            "on changes only training layers (weight gradients, the pre-activation store): add --backward",
+        ));
+    }
     let mut variants = Vec::new();
     for &s in &strategies {
-        match s {
-            Strategy::Sequential => variants.push((s, 0)),
-            Strategy::Pipelined { .. } => {
-                for &r in &req.gemm_sm_reserve {
-                    if !variants.contains(&(s, r)) {
-                        variants.push((s, r));
-                    }
+        let reserves: &[usize] = match s {
+            Strategy::Sequential => &[0],
+            Strategy::Pipelined { .. } => &req.gemm_sm_reserve,
+        };
+        for &r in reserves {
+            for &st in &stores {
+                if !variants.contains(&(s, r, st)) {
+                    variants.push((s, r, st));
                 }
             }
         }
@@ -406,14 +441,22 @@ pub fn rank_main(comm: &Communicator, plan: &RunPlan) -> Result<RankReport> {
     let mut cases = Vec::new();
     for shape in &plan.shapes {
         for &tokens in &plan.tokens {
-            for &(strategy, reserve) in &plan.variants {
-                let v = Variant { strategy, reserve };
+            for &(strategy, reserve, sm90_stores) in &plan.variants {
+                let v = Variant {
+                    strategy,
+                    reserve,
+                    sm90_stores,
+                };
                 let label = format!("{} {} {tokens}", shape.label, v.label());
                 let seed = req.seed ^ (0x51ed_0000 + done as u64);
-                let fwd = time_case(comm, plan, shape, par, tokens, v, false, seed)
-                    .map_err(|e| annotate(e, &label, "forward"))?;
-                say(describe(&fwd));
-                cases.push(fwd);
+                // The training stores change training layers only: a stores-on variant has
+                // no forward-only case (it would time the same inference layer again).
+                if !sm90_stores {
+                    let fwd = time_case(comm, plan, shape, par, tokens, v, false, seed)
+                        .map_err(|e| annotate(e, &label, "forward"))?;
+                    say(describe(&fwd));
+                    cases.push(fwd);
+                }
                 if req.backward {
                     let bwd = time_case(comm, plan, shape, par, tokens, v, true, seed)
                         .map_err(|e| annotate(e, &label, "forward + backward"))?;
@@ -469,16 +512,18 @@ fn describe(c: &CaseResult) -> String {
     )
 }
 
-/// A strategy and the SMs its expert GEMMs leave free.
+/// A strategy, the SMs its expert GEMMs leave free and whether the Hopper engine's training
+/// stores are on.
 #[derive(Debug, Clone, Copy)]
 struct Variant {
     strategy: Strategy,
     reserve: usize,
+    sm90_stores: bool,
 }
 
 impl Variant {
     fn label(&self) -> String {
-        variant_label(self.strategy, self.reserve)
+        variant_label(self.strategy, self.reserve, self.sm90_stores)
     }
 }
 
@@ -500,7 +545,8 @@ fn time_case(
     let opts = LayerOptions::new(strategy, tokens)
         .engine(plan.engine)
         .training(backward)
-        .gemm_sm_reserve(variant.reserve);
+        .gemm_sm_reserve(variant.reserve)
+        .sm90_training_stores(variant.sm90_stores);
     let mut layer = MoeLayer::new(comm, shape.cfg, par, opts, Weights::Random { seed })?;
     let rank_seed = seed ^ ((comm.rank() as u64 + 1) << 40);
     let xs = inputs(&layer, tokens, req.pool, rank_seed)?;
@@ -553,8 +599,15 @@ fn time_case(
         }
     }
     if comm.rank() == 0 {
+        let stores = if !variant.sm90_stores {
+            ""
+        } else if layer.used_hopper_stores() {
+            ", training stores on the Hopper engine"
+        } else {
+            ", training stores on mma.sync (the Hopper engine did not take them)"
+        };
         println!(
-            "  {} / {} / {backward_label}: expert GEMMs on the {} engine",
+            "  {} / {} / {backward_label}: expert GEMMs on the {} engine{stores}",
             shape.label,
             variant.label(),
             if layer.used_hopper_engine() {
@@ -611,10 +664,10 @@ mod tests {
         assert_eq!(
             p.variants,
             vec![
-                (Strategy::Sequential, 0),
-                (Strategy::Pipelined { chunks: 4 }, 0)
+                (Strategy::Sequential, 0, false),
+                (Strategy::Pipelined { chunks: 4 }, 0, false)
             ],
-            "no GEMM SM reserve by default"
+            "no GEMM SM reserve and no Hopper training stores by default"
         );
     }
 
@@ -629,12 +682,17 @@ mod tests {
         let pipe = Strategy::Pipelined { chunks: 2 };
         assert_eq!(
             p.variants,
-            vec![(Strategy::Sequential, 0), (pipe, 0), (pipe, 8), (pipe, 16)]
+            vec![
+                (Strategy::Sequential, 0, false),
+                (pipe, 0, false),
+                (pipe, 8, false),
+                (pipe, 16, false)
+            ]
         );
         let labels: Vec<String> = p
             .variants
             .iter()
-            .map(|&(s, r)| variant_label(s, r))
+            .map(|&(s, r, st)| variant_label(s, r, st))
             .collect();
         assert_eq!(
             labels,
@@ -651,6 +709,84 @@ mod tests {
         })
         .unwrap_err();
         assert!(e.to_string().contains("--gemm-sm-reserve"), "{e}");
+    }
+
+    #[test]
+    fn sm90_stores_sweep_doubles_every_case_and_labels_it() {
+        let p = plan(&RunRequest {
+            strategies: vec!["sequential".into(), "pipelined:2".into()],
+            gemm_sm_reserve: vec![0, 16],
+            sm90_stores: vec!["off".into(), "on".into(), "1".into()],
+            backward: true,
+            ..Default::default()
+        })
+        .unwrap();
+        let pipe = Strategy::Pipelined { chunks: 2 };
+        let seq = Strategy::Sequential;
+        assert_eq!(
+            p.variants,
+            vec![
+                (seq, 0, false),
+                (seq, 0, true),
+                (pipe, 0, false),
+                (pipe, 0, true),
+                (pipe, 16, false),
+                (pipe, 16, true)
+            ]
+        );
+        let labels: Vec<String> = p
+            .variants
+            .iter()
+            .map(|&(s, r, st)| variant_label(s, r, st))
+            .collect();
+        assert_eq!(
+            labels,
+            [
+                "sequential",
+                "sequential+s90",
+                "pipelined:2",
+                "pipelined:2+s90",
+                "pipelined:2+r16",
+                "pipelined:2+r16+s90"
+            ]
+        );
+        let on_only = plan(&RunRequest {
+            sm90_stores: vec!["on".into()],
+            backward: true,
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(
+            on_only.variants.iter().all(|v| v.2),
+            "{:?}",
+            on_only.variants
+        );
+        assert_eq!(on_only.variants.len(), 2);
+        for bad in [vec!["maybe".to_string()], vec![]] {
+            let e = plan(&RunRequest {
+                sm90_stores: bad.clone(),
+                ..Default::default()
+            })
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains("--sm90-stores"), "{bad:?}: {e}");
+            if let Some(v) = bad.first() {
+                assert!(e.contains(v.as_str()), "{e}");
+            }
+        }
+        // Forward-only runs have no training layer: on is refused, off is the default.
+        let e = plan(&RunRequest {
+            sm90_stores: vec!["off".into(), "on".into()],
+            ..Default::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("--backward") && e.contains("off,on"), "{e}");
+        plan(&RunRequest {
+            sm90_stores: vec!["0".into()],
+            ..Default::default()
+        })
+        .unwrap();
     }
 
     #[test]
