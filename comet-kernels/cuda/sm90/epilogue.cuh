@@ -5,8 +5,7 @@
 //
 // Variants (Config): OUT_F32 stores f32 straight from the accumulator fragments (each quad
 // of lanes writes 32 contiguous bytes of a row with 8-byte stores: whole sectors, no
-// staging) and, with ACCUM, adds the values already there (the f32 path rewrites the
-// fragments in place); AUX also stores the
+// staging) and, with ACCUM, adds the values already there; AUX also stores the
 // pre-activation through the same staging tile.
 #pragma once
 #include "sm90/config.cuh"
@@ -70,16 +69,13 @@ __device__ __forceinline__ void staged_to_global(u32 stage, char* base, int ld, 
 
 /// f32 output (Config::OUT_F32): fragment pairs (2 consecutive columns) go straight to
 /// global memory with 8-byte stores (n_out and ldo are multiples of 8, out is 16-byte
-/// aligned, so a pair never straddles n_out and every store is aligned). In three passes
-/// over the warpgroup's fragments, in place: activation and row scale; with ACCUM, the old
-/// values added (all loads independent of each other and issued before any store; the
-/// producer prefetched the rows into L2); the stores.
+/// aligned, so a pair never straddles n_out and every store is aligned). With ACCUM the
+/// chunk's previous values are loaded first (all loads in flight together), then added.
 template <class C>
-__device__ __forceinline__ void epilogue_store_f32(float (&acc)[C::MW][C::ACC_N],
+__device__ __forceinline__ void epilogue_store_f32(const float (&acc)[C::MW][C::ACC_N],
                                                    const GroupedGemmArgs& g, const Tile& t,
                                                    int row0, int rows_wg, int wtid) {
   if (C::ACCUM && t.k_len == 0) return;  // nothing to add: the output stays bit for bit
-  constexpr int GROUPS = C::OUT_BN / 8;  // 8-column groups of output per m64 block
   const int warp = wtid / 32;
   const int lane = wtid % 32;
   const int r_lo = 16 * warp + lane / 4;  // fragment rows r_lo, r_lo + 8 of each m64 block
@@ -100,47 +96,44 @@ __device__ __forceinline__ void epilogue_store_f32(float (&acc)[C::MW][C::ACC_N]
     const bool ok1 = r_lo + 8 < rows_blk;
     float* p0 = out + (long long)(grow0 + r_lo) * g.ldo;
     float* p1 = out + (long long)(grow0 + r_lo + 8) * g.ldo;
-    // 1. activation and row scale (SwiGLU reads the up half, writes the gate half only)
 #pragma unroll
-    for (int j = 0; j < GROUPS; ++j) {
+    for (int chunk = 0; chunk < C::OUT_BN / 64; ++chunk) {
+      float2 old0[8], old1[8];
+      if (C::ACCUM) {
 #pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        float x = acc[mb][4 * j + q];
-        if (C::EPI == EPI_SWIGLU) x = silu_f(x) * acc[mb][4 * j + q + C::ACC_N / 2];
-        if (C::EPI == EPI_GELU) x = gelu_erf_f(x);
-        acc[mb][4 * j + q] = x * (q < 2 ? s0 : s1);
+        for (int jj = 0; jj < 8; ++jj) {
+          const int col = col_tile + chunk * 64 + 8 * jj + cpair;
+          old0[jj] = make_float2(0.f, 0.f);
+          old1[jj] = make_float2(0.f, 0.f);
+          if (col < g.n_out) {
+            if (ok0) old0[jj] = *reinterpret_cast<const float2*>(p0 + col);
+            if (ok1) old1[jj] = *reinterpret_cast<const float2*>(p1 + col);
+          }
+        }
       }
-    }
-    // 2. accumulate
-    if (C::ACCUM) {
 #pragma unroll
-      for (int j = 0; j < GROUPS; ++j) {
-        const int col = col_tile + 8 * j + cpair;
+      for (int jj = 0; jj < 8; ++jj) {
+        const int j = chunk * 8 + jj;  // 8-column group in the accumulator
+        const int col = col_tile + chunk * 64 + 8 * jj + cpair;
+        float v[4];
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          float x = acc[mb][4 * j + q];
+          if (C::EPI == EPI_SWIGLU) x = silu_f(x) * acc[mb][4 * j + q + C::ACC_N / 2];
+          if (C::EPI == EPI_GELU) x = gelu_erf_f(x);
+          v[q] = x;
+        }
+        float2 w0 = make_float2(v[0] * s0, v[1] * s0);
+        float2 w1 = make_float2(v[2] * s1, v[3] * s1);
+        if (C::ACCUM) {
+          w0.x += old0[jj].x;
+          w0.y += old0[jj].y;
+          w1.x += old1[jj].x;
+          w1.y += old1[jj].y;
+        }
         if (col < g.n_out) {
-          if (ok0) {
-            const float2 o = *reinterpret_cast<const float2*>(p0 + col);
-            acc[mb][4 * j] += o.x;
-            acc[mb][4 * j + 1] += o.y;
-          }
-          if (ok1) {
-            const float2 o = *reinterpret_cast<const float2*>(p1 + col);
-            acc[mb][4 * j + 2] += o.x;
-            acc[mb][4 * j + 3] += o.y;
-          }
-        }
-      }
-    }
-    // 3. stores
-#pragma unroll
-    for (int j = 0; j < GROUPS; ++j) {
-      const int col = col_tile + 8 * j + cpair;
-      if (col < g.n_out) {
-        if (ok0) {
-          *reinterpret_cast<float2*>(p0 + col) = make_float2(acc[mb][4 * j], acc[mb][4 * j + 1]);
-        }
-        if (ok1) {
-          *reinterpret_cast<float2*>(p1 + col) =
-              make_float2(acc[mb][4 * j + 2], acc[mb][4 * j + 3]);
+          if (ok0) *reinterpret_cast<float2*>(p0 + col) = w0;
+          if (ok1) *reinterpret_cast<float2*>(p1 + col) = w1;
         }
       }
     }
@@ -182,7 +175,7 @@ __device__ __forceinline__ void store_aux_chunk(const float (&a)[C::ACC_N],
 ///  stage:    this warpgroup's staging buffer (C::EPI_WG_BYTES of shared memory)
 ///  wtid:     thread index in the warpgroup; bar_id: the warpgroup's named barrier
 template <class C>
-__device__ __forceinline__ void epilogue_store(float (&acc)[C::MW][C::ACC_N],
+__device__ __forceinline__ void epilogue_store(const float (&acc)[C::MW][C::ACC_N],
                                                const GroupedGemmArgs& g, const Tile& t,
                                                int row0, int rows_wg, u32 stage, int wtid,
                                                int bar_id) {

@@ -99,23 +99,6 @@ __device__ __forceinline__ void load_stage(const GroupedGemmArgs& g, const Ring<
   }
 }
 
-/// Config::ACCUM: prefetches the f32 output rows of tile `t` into L2 (one bulk prefetch per
-/// row, issued by the producer when it starts the tile, a tile ahead of the consumers'
-/// epilogue), so the epilogue's read of the old values hits L2 instead of DRAM.
-template <class C>
-__device__ __forceinline__ void prefetch_out_tile(const GroupedGemmArgs& g, const Tile& t) {
-  if constexpr (C::ACCUM) {
-    if (t.k_len == 0) return;  // the epilogue leaves such a tile untouched
-    const int col0 = t.n_block * C::OUT_BN;
-    const int cols = min(C::OUT_BN, g.n_out - col0);
-    if (cols <= 0) return;
-    const float* base = reinterpret_cast<const float*>(g.out) + col0;
-    for (int r = 0; r < t.rows; ++r) {
-      prefetch_l2_bulk(base + (long long)(t.row_begin + r) * g.ldo, (u32)cols * 4u);
-    }
-  }
-}
-
 /// Producer: one thread walks this CTA's tiles and fills the ring.
 /// `Hook::wait(tile)` runs before a tile's first load (false = timed out: the error flag is
 /// set and the tile proceeds, so consumers never hang).
@@ -129,7 +112,6 @@ __device__ __forceinline__ void producer_loop(const GroupedGemmArgs& g, const Sc
     Tile t;
     if (!sched.tile(slot, t)) continue;
     if (!hook.wait(t)) report_error(g.error_flag, ERR_HOOK_TIMEOUT);
-    prefetch_out_tile<C>(g, t);
     const int kbs = (t.k_len + C::BK - 1) / C::BK;
     for (int kb = 0; kb < kbs; ++kb) {
       mbar_wait(ring.empty(pos.stage), pos.phase ^ 1u);
@@ -168,7 +150,6 @@ __device__ __forceinline__ void producer_loop_dyn(const GroupedGemmArgs& g, cons
     Tile t;
     if (!sched.tile(slot, t)) continue;
     if (!hook.wait(t)) report_error(g.error_flag, ERR_HOOK_TIMEOUT);
-    prefetch_out_tile<C>(g, t);
     const int kbs = (t.k_len + C::BK - 1) / C::BK;
     for (int kb = 0; kb < kbs; ++kb) {
       mbar_wait(ring.empty(pos.stage), pos.phase ^ 1u);
@@ -220,7 +201,6 @@ __device__ __forceinline__ void producer_loop_cluster(const GroupedGemmArgs& g,
     const TilePair pr = decode_pair(sched, u, rank);
     if (!pr.own_valid && !pr.peer_valid) continue;
     if (pr.own_valid && !hook.wait(pr.own)) report_error(g.error_flag, ERR_HOOK_TIMEOUT);
-    if (pr.own_valid) prefetch_out_tile<C>(g, pr.own);
     for (int kb = 0; kb < pr.kbs; ++kb) {
       mbar_wait(ring.empty(pos.stage), pos.phase ^ 1u);
       if (pr.own_valid) {

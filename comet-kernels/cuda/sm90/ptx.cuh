@@ -312,11 +312,6 @@ __device__ __forceinline__ u32 pack_f16x2(float lo, float hi) {
 __device__ __forceinline__ void st_shared_u32(u32 addr, u32 v) {
   asm volatile("st.shared.b32 [%0], %1;" ::"r"(addr), "r"(v) : "memory");
 }
-/// Asynchronous prefetch of `bytes` (a multiple of 16; `p` 16-byte aligned) into L2.
-__device__ __forceinline__ void prefetch_l2_bulk(const void* p, u32 bytes) {
-  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
-}
-
 __device__ __forceinline__ u32 ld_shared_u32(u32 addr) {
   u32 v;
   asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(addr) : "memory");
