@@ -44,16 +44,9 @@ enum : int {
 ///  AUX:      also store the pre-activation (forward with SwiGLU or GeLU, 16-bit output) to
 ///            g.aux, g.ldaux elements per row: SwiGLU gate in columns [0, n_out), up in
 ///            [n_out, 2 n_out); GeLU the accumulator itself. Unscaled by row_scale.
-///  DYN:      dynamic tile scheduling (cooperative, single CTA): the producer claims
-///            processing slots from a global counter (g.tile_counter) as its CTA frees up
-///            and hands them to the consumers through a small shared-memory queue, so the
-///            tiles in flight are always a window of consecutive slots (tiles that share an
-///            operand stay close in time: no drift between CTAs as in the static
-///            round-robin). Inside a band the m-tiles of an n-tile are consecutive (m
-///            fastest, odd bands too).
 template <int MODE_, int BN_, bool PINGPONG_, int STAGES_, int EPI_, bool IN_F16_ = false,
           bool OUT_F16_ = false, int BAND_ = 16, int CLUSTER_ = 1, int L2HINT_ = 0,
-          bool OUT_F32_ = false, bool ACCUM_ = false, bool AUX_ = false, bool DYN_ = false>
+          bool OUT_F32_ = false, bool ACCUM_ = false, bool AUX_ = false>
 struct Config {
   static constexpr int MODE = MODE_;
   static constexpr int BM = 128;
@@ -70,8 +63,6 @@ struct Config {
   static constexpr bool OUT_F32 = OUT_F32_;
   static constexpr bool ACCUM = ACCUM_;
   static constexpr bool AUX = AUX_;
-  static constexpr bool DYN = DYN_;
-  static constexpr int TQ = 4;  ///< DYN: depth of the tile queue (producer -> consumers)
   static constexpr bool KGROUPED = MODE == MODE_WGRAD;
   static constexpr bool A_MN = MODE == MODE_WGRAD;  // A stored M-major in shared memory
   static constexpr bool B_MN = MODE != MODE_FWD;    // B stored N-major in shared memory
@@ -95,9 +86,7 @@ struct Config {
   static constexpr int OFF_B = OFF_A + STAGES * A_STAGE_BYTES;
   static constexpr int OFF_EPI = OFF_B + STAGES * B_STAGE_BYTES;
   static constexpr int OFF_BAR = OFF_EPI + 2 * EPI_WG_BYTES;
-  // DYN: TQ full + TQ empty mbarriers, then TQ slot ids (96 bytes in all).
-  static constexpr int OFF_TQ = OFF_BAR + 16 * STAGES;
-  static constexpr int OFF_SCHED = OFF_TQ + (DYN ? 96 : 0);
+  static constexpr int OFF_SCHED = OFF_BAR + 16 * STAGES;
   /// Dynamic shared memory to request for `num_experts` experts (1 KiB alignment slack).
   static constexpr int smem_bytes(int num_experts) {
     return 1024 + OFF_SCHED + 8 * (num_experts + 1);
@@ -113,8 +102,6 @@ struct Config {
   static_assert(!ACCUM || OUT_F32, "accumulation needs the f32 output");
   static_assert(!AUX || (MODE == MODE_FWD && EPI != EPI_NONE && !OUT_F32),
                 "pre-activation store: forward with an activation, 16-bit output");
-  static_assert(!DYN || (CLUSTER == 1 && !PINGPONG), "dynamic scheduling: cooperative, no cluster");
-  static_assert(16 * TQ + 4 * TQ <= 96, "tile queue fits its 96 bytes");
 };
 
 /// Kernel argument block (mirrored by the Rust launcher: keep the layout in sync).
@@ -146,14 +133,11 @@ struct GroupedGemmArgs {
                                ///< aligned), ldaux elements apart; else unused
   int ldaux;                   ///< multiple of 8
   int reserved0;
-  unsigned int* tile_counter;  ///< Config::DYN: 2 words, zero before the launch; the kernel
-                               ///< leaves them zero again when it completes
 };
 // Layout the Rust mirror (comet-kernels/src/sm90/launch.rs) relies on.
 static_assert(sizeof(TmaDesc) == 128 && alignof(TmaDesc) == 128, "TmaDesc layout");
 static_assert(sizeof(GroupedGemmArgs) == 384, "GroupedGemmArgs layout");
 // (field offsets: out 256, expert_offsets 264, row_scale 272, tile_order 280, error_flag 288,
-//  num_experts 296, n_out 300, ldo 304, k 308, m_out 312, rows_cap 316, aux 320, ldaux 328,
-//  tile_counter 336)
+//  num_experts 296, n_out 300, ldo 304, k 308, m_out 312, rows_cap 316, aux 320, ldaux 328)
 
 }  // namespace comet_sm90

@@ -61,42 +61,6 @@ __device__ __forceinline__ void grouped_gemm_cluster_roles(const GroupedGemmArgs
   }
 }
 
-/// Consumers with dynamic scheduling (Config::DYN, cooperative): each tile's slot comes from
-/// the tile queue; lane 0 of every warp reads it and frees the entry for its warp.
-template <class C, class Sched>
-__device__ __forceinline__ void grouped_gemm_dyn_consumer(const GroupedGemmArgs& g,
-                                                          const Sched& sched,
-                                                          const Ring<C>& ring,
-                                                          const TileQueue<C::TQ>& tq,
-                                                          RingPos& pos, int cw, int wtid,
-                                                          int ctid, u32 stage) {
-  const u32 lane = threadIdx.x % 32;
-  int q = 0;
-  u32 qphase = 0;
-  for (;;) {
-    int slot = 0;
-    if (lane == 0) {
-      mbar_wait(tq.full(q), qphase);
-      slot = (int)ld_shared_u32(tq.slot(q));
-      mbar_arrive(tq.empty(q));
-    }
-    slot = __shfl_sync(0xffffffffu, slot, 0);
-    if (++q == C::TQ) {
-      q = 0;
-      qphase ^= 1u;
-    }
-    if (slot >= sched.total) return;
-    Tile t;
-    const bool valid = __shfl_sync(0xffffffffu, (int)sched.tile(slot, t), 0) != 0;
-    if (!valid) continue;
-    make_warp_uniform(t);
-    float acc[C::MW][C::ACC_N];
-    const int rows_wg = t.rows - 64 * cw;
-    consumer_mainloop<C>(acc, ring, pos, t, cw, rows_wg > 0 ? 1 : 0, ctid, 3, 256);
-    epilogue_store<C>(acc, g, t, t.row_begin + 64 * cw, rows_wg, stage, wtid, 1 + cw);
-  }
-}
-
 template <class C, class Hook>
 __device__ __forceinline__ void grouped_gemm(const GroupedGemmArgs& g, const Hook& hook) {
   if (C::CLUSTER > 1 && cluster_size() != (u32)C::CLUSTER) {
@@ -110,19 +74,12 @@ __device__ __forceinline__ void grouped_gemm(const GroupedGemmArgs& g, const Hoo
   int* s_off = reinterpret_cast<int*>(gbase + C::OFF_SCHED);
   int* s_pref = s_off + (g.num_experts + 1);
   const Ring<C> ring{base};
-  using Sched = GroupedScheduler<C::BM, C::BAND, C::KGROUPED, C::DYN>;
-  const TileQueue<C::TQ> tq{base + C::OFF_TQ};
+  using Sched = GroupedScheduler<C::BM, C::BAND, C::KGROUPED>;
 
   if (threadIdx.x == 0) {
     for (int s = 0; s < C::STAGES; ++s) {
       mbar_init(ring.full(s), 1);
       mbar_init(ring.empty(s), C::EMPTY_ARRIVALS);
-    }
-    if constexpr (C::DYN) {
-      for (int i = 0; i < C::TQ; ++i) {
-        mbar_init(tq.full(i), 1);
-        mbar_init(tq.empty(i), 8);  // one arrival per consumer warp
-      }
     }
     mbar_init_fence();
   }
@@ -149,13 +106,7 @@ __device__ __forceinline__ void grouped_gemm(const GroupedGemmArgs& g, const Hoo
   const int wg = __shfl_sync(0xffffffffu, (int)(threadIdx.x / 128), 0);
   if (wg == 0) {
     setmaxnreg_dec<40>();
-    if (threadIdx.x == 0) {
-      if constexpr (C::DYN) {
-        producer_loop_dyn<C>(g, sched, ring, tq, hook);
-      } else {
-        producer_loop<C>(g, sched, ring, hook);
-      }
-    }
+    if (threadIdx.x == 0) producer_loop<C>(g, sched, ring, hook);
     return;
   }
   setmaxnreg_inc<232>();
@@ -164,10 +115,6 @@ __device__ __forceinline__ void grouped_gemm(const GroupedGemmArgs& g, const Hoo
   const int ctid = threadIdx.x - 128;       // thread among both consumer warpgroups
   const u32 stage = base + C::OFF_EPI + cw * C::EPI_WG_BYTES;
   RingPos pos{0, 0};
-  if constexpr (C::DYN) {
-    grouped_gemm_dyn_consumer<C>(g, sched, ring, tq, pos, cw, wtid, ctid, stage);
-    return;
-  }
   int seq = 0;
   for (int slot = blockIdx.x; slot < sched.total; slot += gridDim.x) {
     Tile t;

@@ -121,45 +121,6 @@ __device__ __forceinline__ void producer_loop(const GroupedGemmArgs& g, const Sc
   }
 }
 
-/// Producer with dynamic scheduling (Config::DYN): claims slots from g.tile_counter one tile
-/// ahead, publishes each to the consumers through the tile queue, then fills the ring for
-/// it. The claim that returns a slot >= total is published too (it ends the consumers) and
-/// ends the loop.
-template <class C, class Sched, class Hook>
-__device__ __forceinline__ void producer_loop_dyn(const GroupedGemmArgs& g, const Sched& sched,
-                                                  const Ring<C>& ring,
-                                                  const TileQueue<C::TQ>& tq,
-                                                  const Hook& hook) {
-  const u64 pol_a = make_policy<C::L2HINT == 1 ? 2 : 0>();
-  const u64 pol_b = make_policy<C::L2HINT == 1 ? 1 : 0>();
-  RingPos pos{0, 0};
-  int q = 0;
-  u32 qphase = 0;
-  int next = claim_slot(g.tile_counter);
-  for (;;) {
-    const int slot = next;
-    mbar_wait(tq.empty(q), qphase ^ 1u);
-    st_shared_u32(tq.slot(q), (u32)slot);
-    mbar_arrive(tq.full(q));  // release (CTA scope): the slot id is visible to the waiters
-    if (++q == C::TQ) {
-      q = 0;
-      qphase ^= 1u;
-    }
-    if (slot >= sched.total) break;
-    next = claim_slot(g.tile_counter);  // in flight while this tile's loads are issued
-    Tile t;
-    if (!sched.tile(slot, t)) continue;
-    if (!hook.wait(t)) report_error(g.error_flag, ERR_HOOK_TIMEOUT);
-    const int kbs = (t.k_len + C::BK - 1) / C::BK;
-    for (int kb = 0; kb < kbs; ++kb) {
-      mbar_wait(ring.empty(pos.stage), pos.phase ^ 1u);
-      load_stage<C>(g, ring, pos.stage, t, kb, pol_a, pol_b);
-      pos.template advance<C::STAGES>(1);
-    }
-  }
-  release_counter(g.tile_counter);
-}
-
 /// A pair of consecutive tile slots taken by the two CTAs of a cluster.
 struct TilePair {
   Tile own;         ///< this CTA's tile (valid if own_valid)

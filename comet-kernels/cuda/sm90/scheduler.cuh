@@ -13,12 +13,9 @@
 // own order by passing `order` (device array of canonical tile ids): processing slot i runs
 // tile order[i]; ids outside [0, total) are skipped (no loads, no stores).
 //
-// Static scheduling: every role of a CTA (producer, consumers) walks the same sequence of
-// slots blockIdx.x, blockIdx.x + gridDim.x, ... and decodes the same tiles, so no tile ids
-// travel through shared memory. Dynamic scheduling (Config::DYN): the producer claims slots
-// from a global counter and passes them to the consumers through a shared-memory queue
-// (TileQueue below); the canonical order inside a band is then m-tile fastest for every
-// band (M_FASTEST), so the tiles of one weight tile are claimed back to back.
+// Every role of a CTA (producer, consumers) walks the same sequence of slots
+// blockIdx.x, blockIdx.x + gridDim.x, ... and decodes the same tiles, so no tile ids travel
+// through shared memory.
 #pragma once
 #include "sm90/ptx.cuh"
 
@@ -49,7 +46,7 @@ __device__ __forceinline__ void report_error(int* flag, int code) {
 }
 
 /// Shared-memory state of the scheduler: row offsets and m-tile prefix sums, E + 1 each.
-template <int BM, int BAND, bool KGROUPED, bool M_FASTEST = false>
+template <int BM, int BAND, bool KGROUPED>
 struct GroupedScheduler {
   const int* s_off;   // [E + 1] row offsets (copied from global)
   const int* s_pref;  // [E + 1] exclusive prefix of m-tiles per expert (row-grouped)
@@ -157,8 +154,7 @@ struct GroupedScheduler {
     const int g = min(BAND, mt - band * BAND);
     // The even part of the band goes n by n with m fastest (so pairs of consecutive tiles
     // share their weight tile); an odd band's last m-tile follows for all n.
-    // M_FASTEST (dynamic scheduling): every m-tile of the band, odd or not, n by n.
-    const int ge = M_FASTEST ? g : (g & ~1);
+    const int ge = g & ~1;
     int n, m;
     if (r < ge * n_tiles) {
       n = r / ge;
@@ -185,35 +181,6 @@ struct GroupedScheduler {
     return true;
   }
 };
-
-/// Config::DYN: the queue of claimed slots between the producer thread and the consumer
-/// warps (TQ entries; full[i] completes when the producer has written slot i, empty[i] when
-/// every consumer warp has read it). A slot >= total ends the CTA's work.
-template <int TQ>
-struct TileQueue {
-  u32 base;  // TQ full mbarriers, TQ empty mbarriers, TQ ints
-  __device__ __forceinline__ u32 full(int i) const { return base + 8 * i; }
-  __device__ __forceinline__ u32 empty(int i) const { return base + 8 * TQ + 8 * i; }
-  __device__ __forceinline__ u32 slot(int i) const { return base + 16 * TQ + 4 * i; }
-};
-
-/// Claims the next processing slot (one global atomic; the counter is words [0] of
-/// g.tile_counter).
-__device__ __forceinline__ int claim_slot(unsigned int* counter) {
-  return (int)atomicAdd(counter, 1u);
-}
-
-/// Called once per CTA by the producer thread after its last claim: the last CTA to get here
-/// puts both counter words back to zero for the next launch. Every claim of every CTA
-/// happened before its own arrival here (fence), so no claim can follow the reset.
-__device__ __forceinline__ void release_counter(unsigned int* counter) {
-  __threadfence();
-  const unsigned int done = atomicAdd(counter + 1, 1u);
-  if (done == gridDim.x - 1) {
-    atomicExch(counter, 0u);
-    atomicExch(counter + 1, 0u);
-  }
-}
 
 /// Broadcasts a decoded tile from lane 0 (all 32 lanes must be active). The values are
 /// already identical in every lane; this tells the compiler they are warp-uniform, which

@@ -64,7 +64,6 @@ struct KernelArgs {
     aux: u64,
     ldaux: i32,
     reserved0: i32,
-    tile_counter: u64,
 }
 
 /// Mirror of `comet_sm90::NoWait` (the plain GEMM's per-tile hook).
@@ -649,7 +648,6 @@ pub fn grouped_gemm(gpu: &Gpu, g: Sm90Gemm<'_>) -> Result<()> {
         aux: g.aux.as_deref().map_or(0, |t| t.device_ptr()),
         ldaux: plan.ldaux as i32,
         reserved0: 0,
-        tile_counter: 0,
     };
     let hook = NoWaitArgs { unused: 0 };
     let f = gpu.function(&program(), &plan.defines, KERNEL_NAME)?;
@@ -772,7 +770,6 @@ mod tests {
         assert_eq!(offset_of!(KernelArgs, rows_cap), 316);
         assert_eq!(offset_of!(KernelArgs, aux), 320);
         assert_eq!(offset_of!(KernelArgs, ldaux), 328);
-        assert_eq!(offset_of!(KernelArgs, tile_counter), 336);
         assert_eq!(size_of::<NoWaitArgs>(), 4);
     }
 
