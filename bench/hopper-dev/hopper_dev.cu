@@ -8,6 +8,7 @@
 // multiple of 64, reversed tile order, 256 experts, f16).
 //
 // Build: see build.sh. Run: ./hopper_dev [--small] [--json FILE] [--only SUBSTR] [--iters N]
+//        [--variants NAME,NAME,..]
 #include <cublas_v2.h>
 #include <cuda.h>
 #include <cudaTypedefs.h>
@@ -397,6 +398,25 @@ static std::vector<Variant> all_variants() {
   v.push_back(make_variant<Config<MODE_DGRAD, 256, false, 4, EPI_NONE, false, false, 16, 2, 1>>("c2coop256h"));
   v.push_back(make_variant<Config<MODE_FWD, 256, false, 4, EPI_NONE, false, false, 16, 1, 1>>("coop256h"));
   v.push_back(make_variant<Config<MODE_WGRAD, 256, false, 4, EPI_NONE, false, false, 16, 1, 1>>("coop256h"));
+  // 256-row tiles (BM = 256, BN = 128): an expert of <= 256 rows is one m-tile
+#define T256(MODE, EPI, CL, H, NAME) \
+  v.push_back(make_variant<Config<MODE, 128, false, 4, EPI, false, false, 16, CL, H, false, false, false, 256>>(NAME))
+  T256(MODE_FWD, EPI_NONE, 1, 0, "t256x4");
+  T256(MODE_FWD, EPI_NONE, 1, 1, "t256h");
+  T256(MODE_FWD, EPI_NONE, 2, 0, "c2t256");
+  T256(MODE_FWD, EPI_NONE, 2, 1, "c2t256h");
+  T256(MODE_FWD, EPI_SWIGLU, 1, 0, "t256x4");
+  T256(MODE_FWD, EPI_SWIGLU, 1, 1, "t256h");
+  T256(MODE_FWD, EPI_SWIGLU, 2, 0, "c2t256");
+  T256(MODE_FWD, EPI_SWIGLU, 2, 1, "c2t256h");
+  T256(MODE_FWD, EPI_GELU, 1, 0, "t256x4");
+  T256(MODE_DGRAD, EPI_NONE, 1, 0, "t256x4");
+  T256(MODE_DGRAD, EPI_NONE, 1, 1, "t256h");
+  T256(MODE_DGRAD, EPI_NONE, 2, 0, "c2t256");
+  T256(MODE_DGRAD, EPI_NONE, 2, 1, "c2t256h");
+  T256(MODE_WGRAD, EPI_NONE, 1, 0, "t256x4");
+  T256(MODE_WGRAD, EPI_NONE, 1, 1, "t256h");
+#undef T256
   // forward, plain
   v.push_back(make_variant<Config<MODE_FWD, 256, false, 4, EPI_NONE>>("coop256x4"));
   v.push_back(make_variant<Config<MODE_FWD, 128, true, 6, EPI_NONE>>("pp128x6"));
@@ -842,7 +862,7 @@ static std::vector<Problem> edge_problems() {
 // ------------------------------------------------------------------------------------------
 int main(int argc, char** argv) {
   bool small = false, timing = true;
-  std::string json, only;
+  std::string json, only, variants;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     if (a == "--small") small = true;
@@ -850,8 +870,9 @@ int main(int argc, char** argv) {
     else if (a == "--json" && i + 1 < argc) json = argv[++i];
     else if (a == "--only" && i + 1 < argc) only = argv[++i];
     else if (a == "--iters" && i + 1 < argc) g_iters = atoi(argv[++i]);
+    else if (a == "--variants" && i + 1 < argc) variants = "," + std::string(argv[++i]) + ",";
     else {
-      fprintf(stderr, "usage: %s [--small] [--no-timing] [--json FILE] [--only SUBSTR] [--iters N]\n", argv[0]);
+      fprintf(stderr, "usage: %s [--small] [--no-timing] [--json FILE] [--only SUBSTR] [--iters N] [--variants A,B,..]\n", argv[0]);
       return 2;
     }
   }
@@ -867,7 +888,11 @@ int main(int argc, char** argv) {
   init_encode();
   cublasHandle_t h;
   CB(cublasCreate(&h));
-  std::vector<Variant> vars = all_variants();
+  std::vector<Variant> vars;
+  for (const Variant& v : all_variants()) {
+    if (variants.empty() || variants.find("," + std::string(v.name) + ",") != std::string::npos)
+      vars.push_back(v);
+  }
 
   // Ceiling: dense bf16 8192^3.
   double ceiling = 0;

@@ -44,12 +44,15 @@ enum : int {
 ///  AUX:      also store the pre-activation (forward with SwiGLU or GeLU, 16-bit output) to
 ///            g.aux, g.ldaux elements per row: SwiGLU gate in columns [0, n_out), up in
 ///            [n_out, 2 n_out); GeLU the accumulator itself. Unscaled by row_scale.
+///  BM:       rows per tile: 128, or 256 (cooperative only, BN = 128): each consumer
+///            warpgroup then owns 128 rows (two m64 blocks), so an expert of up to 256 rows
+///            is one m-tile and each weight tile is read once for it.
 template <int MODE_, int BN_, bool PINGPONG_, int STAGES_, int EPI_, bool IN_F16_ = false,
           bool OUT_F16_ = false, int BAND_ = 16, int CLUSTER_ = 1, int L2HINT_ = 0,
-          bool OUT_F32_ = false, bool ACCUM_ = false, bool AUX_ = false>
+          bool OUT_F32_ = false, bool ACCUM_ = false, bool AUX_ = false, int BM_ = 128>
 struct Config {
   static constexpr int MODE = MODE_;
-  static constexpr int BM = 128;
+  static constexpr int BM = BM_;
   static constexpr int BN = BN_;
   static constexpr int BK = 64;
   static constexpr bool PINGPONG = PINGPONG_;
@@ -68,7 +71,9 @@ struct Config {
   static constexpr bool B_MN = MODE != MODE_FWD;    // B stored N-major in shared memory
 
   static constexpr int THREADS = 384;  // producer warpgroup + 2 consumer warpgroups
-  static constexpr int MW = PINGPONG ? 2 : 1;  // m64 blocks per consumer warpgroup
+  static constexpr int MW = PINGPONG ? 2 : BM / 128;  // m64 blocks per consumer warpgroup
+  /// Rows of a tile each consumer warpgroup owns in the cooperative schedule.
+  static constexpr int WG_ROWS = BM / 2;
   static constexpr int ACC_N = BN / 2;         // f32 accumulators per thread per m64 block
   static constexpr int OUT_BN = EPI == EPI_SWIGLU ? BN / 2 : BN;  // output columns per tile
   // Arrivals that free a stage: one per consuming warp; with clusters, the consuming warps of
@@ -93,6 +98,8 @@ struct Config {
   }
 
   static_assert(BN == 128 || BN == 256, "BN must be 128 or 256");
+  static_assert(BM == 128 || (BM == 256 && !PINGPONG && BN == 128),
+                "BM is 128, or 256 with the cooperative schedule and BN = 128 (registers)");
   static_assert(!PINGPONG || BN <= 128, "ping-pong keeps 128 rows per warpgroup: BN <= 128");
   static_assert(EPI == EPI_NONE || MODE == MODE_FWD, "activations are forward-only");
   static_assert(OUT_BN % 64 == 0, "epilogue works in 64-column chunks");

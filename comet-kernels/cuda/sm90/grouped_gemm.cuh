@@ -20,6 +20,13 @@
 
 namespace comet_sm90 {
 
+/// Cooperative schedule: m64 blocks of a warpgroup's WG_ROWS rows that hold valid rows
+/// (`rows_wg` of them from its first row; <= 0: none).
+template <class C>
+__device__ __forceinline__ int active_mblocks(int rows_wg) {
+  return rows_wg <= 0 ? 0 : min(C::MW, (rows_wg + 63) / 64);
+}
+
 /// Roles of a CTA in a 2-CTA cluster (see Config::CLUSTER). Every thread returns here.
 template <class C, class Hook, class Sched>
 __device__ __forceinline__ void grouped_gemm_cluster_roles(const GroupedGemmArgs& g,
@@ -50,14 +57,16 @@ __device__ __forceinline__ void grouped_gemm_cluster_roles(const GroupedGemmArgs
     Tile t = pr.own;
     make_warp_uniform(t);
     if (!own) t.k_len = __shfl_sync(0xffffffffu, pr.kbs, 0) * C::BK;  // run the pair's stages
-    const int rows_wg = own ? t.rows - 64 * cw : 0;
+    const int rows_wg = own ? t.rows - C::WG_ROWS * cw : 0;
     float acc[C::MW][C::ACC_N];
     // Stages are always released to both CTAs, shared or not: a peer's multicast into a
     // stage must wait until this CTA is done with that stage's previous contents too.
     (void)shared_b;
-    consumer_mainloop<C>(acc, ring, pos, t, cw, rows_wg > 0 ? 1 : 0, ctid, 3, 256,
-                         RELEASE_PAIR, peer);
-    if (own) epilogue_store<C>(acc, g, t, t.row_begin + 64 * cw, rows_wg, stage, wtid, 1 + cw);
+    consumer_mainloop<C>(acc, ring, pos, t, C::MW * cw, active_mblocks<C>(rows_wg), ctid, 3,
+                         256, RELEASE_PAIR, peer);
+    if (own) {
+      epilogue_store<C>(acc, g, t, t.row_begin + C::WG_ROWS * cw, rows_wg, stage, wtid, 1 + cw);
+    }
   }
 }
 
@@ -140,9 +149,10 @@ __device__ __forceinline__ void grouped_gemm(const GroupedGemmArgs& g, const Hoo
       epilogue_store<C>(acc, g, t, t.row_begin, t.rows, stage, wtid, 1 + cw);
     } else {
       float acc[C::MW][C::ACC_N];
-      const int rows_wg = t.rows - 64 * cw;
-      consumer_mainloop<C>(acc, ring, pos, t, cw, rows_wg > 0 ? 1 : 0, ctid, 3, 256);
-      epilogue_store<C>(acc, g, t, t.row_begin + 64 * cw, rows_wg, stage, wtid, 1 + cw);
+      const int rows_wg = t.rows - C::WG_ROWS * cw;
+      consumer_mainloop<C>(acc, ring, pos, t, C::MW * cw, active_mblocks<C>(rows_wg), ctid, 3,
+                           256);
+      epilogue_store<C>(acc, g, t, t.row_begin + C::WG_ROWS * cw, rows_wg, stage, wtid, 1 + cw);
     }
   }
 }

@@ -61,7 +61,10 @@ __device__ __forceinline__ void load_stage(const GroupedGemmArgs& g, const Ring<
   const u32 sb = ring.b(s);
   if (C::MODE == MODE_FWD) {
     const int kc = kb * C::BK;
-    tma_load_2d(sa, &g.a, bar, kc, t.row_begin, pol_a);
+#pragma unroll
+    for (int j = 0; j < C::BM / 128; ++j) {  // A boxes of 128 rows
+      tma_load_2d(sa + j * 16384, &g.a, bar, kc, t.row_begin + 128 * j, pol_a);
+    }
     constexpr int BH = C::BN / 2;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
@@ -76,7 +79,10 @@ __device__ __forceinline__ void load_stage(const GroupedGemmArgs& g, const Ring<
     }
   } else if (C::MODE == MODE_DGRAD) {
     const int kc = kb * C::BK;
-    tma_load_2d(sa, &g.a, bar, kc, t.row_begin, pol_a);
+#pragma unroll
+    for (int j = 0; j < C::BM / 128; ++j) {
+      tma_load_2d(sa + j * 16384, &g.a, bar, kc, t.row_begin + 128 * j, pol_a);
+    }
     constexpr int NB = C::BN / 64;  // 64-column blocks of B
 #pragma unroll
     for (int j = 0; j < NB; ++j) {
@@ -91,7 +97,9 @@ __device__ __forceinline__ void load_stage(const GroupedGemmArgs& g, const Ring<
     const int kr = t.k_begin + kb * C::BK;
     const int m0 = t.m_block * C::BM;
 #pragma unroll
-    for (int j = 0; j < 2; ++j) tma_load_2d(sa + j * 8192, &g.a, bar, m0 + 64 * j, kr, pol_a);
+    for (int j = 0; j < C::BM / 64; ++j) {
+      tma_load_2d(sa + j * 8192, &g.a, bar, m0 + 64 * j, kr, pol_a);
+    }
 #pragma unroll
     for (int j = 0; j < C::BN / 64; ++j) {
       tma_load_2d(sb + j * 8192, &g.b, bar, t.n_block * C::BN + 64 * j, kr, pol_b);
@@ -194,7 +202,8 @@ __device__ __forceinline__ u64 desc_b(const Ring<C>& ring, int s, int kk) {
 template <class C>
 __device__ __forceinline__ void zero_tail_rows(const Ring<C>& ring, int s, int valid, int tid,
                                                int nthreads) {
-  constexpr int BLOCKS = 2 + C::BN / 64;  // 8 KiB blocks of 64 rows x 128 bytes
+  constexpr int ABLK = C::BM / 64;        // A's 8 KiB blocks
+  constexpr int BLOCKS = ABLK + C::BN / 64;  // 8 KiB blocks of 64 rows x 128 bytes
   const int rows = 64 - valid;
   const int chunks = BLOCKS * rows * 8;  // 16-byte chunks to clear
   for (int i = tid; i < chunks; i += nthreads) {
@@ -202,7 +211,7 @@ __device__ __forceinline__ void zero_tail_rows(const Ring<C>& ring, int s, int v
     const int rem = i - blk * rows * 8;
     const int row = valid + rem / 8;
     const int c16 = rem % 8;
-    const u32 addr = (blk < 2 ? ring.a(s) + blk * 8192 : ring.b(s) + (blk - 2) * 8192) +
+    const u32 addr = (blk < ABLK ? ring.a(s) + blk * 8192 : ring.b(s) + (blk - ABLK) * 8192) +
                      row * 128 + c16 * 16;
     asm volatile("st.shared.v4.b32 [%0], {%1, %1, %1, %1};" ::"r"(addr), "r"(0) : "memory");
   }
