@@ -101,15 +101,17 @@ struct RunArgs {
     /// comma separated to sweep (one case each, labelled pipelined+rN); 0 = every SM.
     #[arg(long, value_delimiter = ',', default_value = "0")]
     gemm_sm_reserve: Vec<usize>,
-    /// The Hopper engine's training stores (LayerOptions::sm90_training_stores, not yet
-    /// measured) in the forward + backward cases (needs --backward): bare flag = on; or comma
-    /// separated on/off (1/0), e.g. off,on to time both, one case each (on is labelled +s90,
-    /// e.g. sequential+s90, pipelined+r16+s90).
+    /// The Hopper engine's training stores (LayerOptions::sm90_training_stores: expert weight
+    /// gradients on its f32 accumulate store) in the forward + backward cases: on (the
+    /// default, as the layer; a bare flag = on) or off (weight gradients on mma.sync; needs
+    /// --backward), comma separated to time both, e.g. off,on, one case each. Off cases are
+    /// labelled +mma-wgrad (e.g. sequential+mma-wgrad, pipelined+r16+mma-wgrad); on cases
+    /// have no suffix.
     #[arg(
         long,
         value_delimiter = ',',
         num_args = 0..=1,
-        default_value = "off",
+        default_value = "on",
         default_missing_value = "on"
     )]
     sm90_stores: Vec<String>,
@@ -299,7 +301,11 @@ mod tests {
 
     #[test]
     fn sm90_stores_flag_forms() {
-        assert_eq!(run_args(&[]).sm90_stores, ["off"]);
+        assert_eq!(run_args(&[]).sm90_stores, ["on"]);
+        assert_eq!(
+            run_args(&["--sm90-stores", "off", "--backward"]).sm90_stores,
+            ["off"]
+        );
         assert_eq!(run_args(&["--sm90-stores"]).sm90_stores, ["on"]);
         assert_eq!(
             run_args(&["--sm90-stores", "--backward"]).sm90_stores,

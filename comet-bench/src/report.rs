@@ -28,7 +28,7 @@
 //! the busiest rank's bytes / time. Share of communication hidden (comet-rs's overlapping
 //! strategies) = (t_sequential − t) / (Sequential's dispatch + combine time).
 
-use crate::run::STORES_SUFFIX;
+use crate::run::{LEGACY_STORES_SUFFIX, MMA_WGRAD_SUFFIX};
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
@@ -460,19 +460,20 @@ pub fn gather_inputs(inputs: Vec<(PathBuf, Input)>, date: &str) -> Result<Result
     }
     cases.sort_by(|a, b| a.key.cmp(&b.key));
     // Share of Sequential's communication hidden by the other comet-rs strategies, each
-    // against Sequential with the same GEMM stores (`+s90` cases against `sequential+s90`,
-    // so a faster weight gradient is not counted as hidden communication).
-    let seq_stores = format!("sequential{STORES_SUFFIX}");
+    // against Sequential with the same GEMM stores (`+mma-wgrad` cases against
+    // `sequential+mma-wgrad`, and older reports' `+s90` cases against `sequential+s90`), so
+    // a faster or slower weight gradient is not counted as hidden communication.
+    let stores_suffixes = [MMA_WGRAD_SUFFIX, LEGACY_STORES_SUFFIX];
     let baseline = |s: &str| -> String {
-        if s.ends_with(STORES_SUFFIX) {
-            seq_stores.clone()
-        } else {
-            "sequential".to_string()
+        match stores_suffixes.iter().find(|&&x| s.ends_with(x)) {
+            Some(x) => format!("sequential{x}"),
+            None => "sequential".to_string(),
         }
     };
+    let is_baseline = |s: &str| s == "sequential" || baseline(s) == s;
     let seq: BTreeMap<(String, String, Group), (f64, Option<f64>)> = cases
         .iter()
-        .filter(|c| c.key.strategy == "sequential" || c.key.strategy == seq_stores)
+        .filter(|c| is_baseline(&c.key.strategy))
         .map(|c| {
             let comm = match (c.phases_ms.get("dispatch"), c.phases_ms.get("combine")) {
                 (Some(d), Some(k)) if d + k > 0.0 => Some(d + k),
@@ -993,15 +994,17 @@ mod tests {
         assert_eq!(r.git_commit.as_deref(), Some("abc123"));
     }
 
-    /// `+s90` cases (Hopper training stores on) hide communication relative to
-    /// `sequential+s90`; `sequential+s90` itself is a baseline, not an overlap.
+    /// `+mma-wgrad` cases (Hopper training stores off) hide communication relative to
+    /// `sequential+mma-wgrad`, unlabelled ones (the default, stores on) relative to
+    /// `sequential`; `sequential+mma-wgrad` itself is a baseline, not an overlap. Older
+    /// reports' `+s90` cases still compare with `sequential+s90`.
     #[test]
     fn sm90_stores_cases_compare_with_their_own_sequential() {
         let cases = vec![
-            case("mixtral-8x7b", "sequential", 5.0),
-            case("mixtral-8x7b", "pipelined", 4.0),
-            case("mixtral-8x7b", "sequential+s90", 4.0),
-            case("mixtral-8x7b", "pipelined+r16+s90", 3.4),
+            case("mixtral-8x7b", "sequential", 4.0),
+            case("mixtral-8x7b", "pipelined", 3.4),
+            case("mixtral-8x7b", "sequential+mma-wgrad", 5.0),
+            case("mixtral-8x7b", "pipelined+r16+mma-wgrad", 4.0),
         ];
         let r = gather(vec![rank(0, 1, cases)], "2026-11-29").unwrap();
         let hidden = |s: &str| {
@@ -1012,12 +1015,31 @@ mod tests {
                 .comm_hidden
         };
         assert_eq!(hidden("sequential"), None);
+        assert_eq!(hidden("sequential+mma-wgrad"), None);
+        // sequential comm 1.2 + 0.8 = 2.0 ms: (4 - 3.4) / 2.0 = 0.3.
+        assert!((hidden("pipelined").unwrap() - 0.3).abs() < 1e-9);
+        // sequential+mma-wgrad comm 1.5 + 1.0 = 2.5 ms: (5 - 4) / 2.5 = 0.4 (against
+        // `sequential` it would be 0.0).
+        assert!((hidden("pipelined+r16+mma-wgrad").unwrap() - 0.4).abs() < 1e-9);
+        assert!(table(&r).contains("sequential+mma-wgrad"));
+
+        let legacy = vec![
+            case("mixtral-8x7b", "sequential", 5.0),
+            case("mixtral-8x7b", "pipelined", 4.0),
+            case("mixtral-8x7b", "sequential+s90", 4.0),
+            case("mixtral-8x7b", "pipelined+r16+s90", 3.4),
+        ];
+        let r = gather(vec![rank(0, 1, legacy)], "2026-11-29").unwrap();
+        let hidden = |s: &str| {
+            r.cases
+                .iter()
+                .find(|c| c.key.strategy == s)
+                .unwrap()
+                .comm_hidden
+        };
         assert_eq!(hidden("sequential+s90"), None);
-        // Sequential comm 1.5 + 1.0 = 2.5 ms: (5 - 4) / 2.5 = 0.4.
         assert!((hidden("pipelined").unwrap() - 0.4).abs() < 1e-9);
-        // sequential+s90 comm 1.2 + 0.8 = 2.0 ms: (4 - 3.4) / 2.0 = 0.3.
         assert!((hidden("pipelined+r16+s90").unwrap() - 0.3).abs() < 1e-9);
-        assert!(table(&r).contains("sequential+s90"));
     }
 
     #[test]

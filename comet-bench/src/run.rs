@@ -9,9 +9,10 @@
 //!   on the layer's compute stream around the call); the median is reported;
 //! - **forward + backward** (`--backward`): a training layer, the same with forward then
 //!   backward per timed iteration;
-//! - `--sm90-stores on` (or `off,on`): the forward + backward case again with
-//!   `LayerOptions::sm90_training_stores` on, labelled `+s90` (no forward-only case: an
-//!   inference layer has no training stores; needs `--backward`);
+//! - `--sm90-stores off` (or `off,on`): the forward + backward case again with
+//!   `LayerOptions::sm90_training_stores` off (the weight gradients on `mma.sync`), labelled
+//!   `+mma-wgrad` (no forward-only case: an inference layer has no training stores; needs
+//!   `--backward`). The unlabelled cases are the layer's default, stores on;
 //! - **phases**: a separate phase-timed pass of `--iters` calls with per-phase CUDA events
 //!   (`MoeLayer::set_phase_timing`), the median per phase reported. With the pipelined
 //!   strategy the per-chunk intervals of a phase are summed on the stream they run on, so
@@ -74,7 +75,7 @@ pub struct RunRequest {
     /// (`LayerOptions::gemm_sm_reserve`; `[0]` = every SM, as before; Sequential runs once).
     pub gemm_sm_reserve: Vec<usize>,
     /// `LayerOptions::sm90_training_stores` values, one case per value (`on`/`off`, `1`/`0`;
-    /// `["off"]` = as before). On is labelled `+s90`.
+    /// `["on"]` = the layer's default). Off is labelled `+mma-wgrad` and needs `backward`.
     pub sm90_stores: Vec<String>,
     /// Dense GEMM size.
     pub dense_n: usize,
@@ -105,7 +106,7 @@ impl Default for RunRequest {
             phases: true,
             engine: "auto".into(),
             gemm_sm_reserve: vec![0],
-            sm90_stores: vec!["off".into()],
+            sm90_stores: vec!["on".into()],
             dense_n: 8192,
             seed: 0,
             local_gpus: None,
@@ -159,22 +160,29 @@ pub fn strategy_label(s: Strategy) -> String {
 }
 
 /// The report label of a strategy whose expert GEMMs leave `reserve` SMs free, with the
-/// Hopper engine's training stores on or off: [`strategy_label`], with `+r<reserve>` when
-/// `reserve > 0` and `+s90` when the stores are on (e.g. `pipelined+r16`, `sequential+s90`,
-/// `pipelined+r16+s90`).
+/// Hopper engine's training stores on (the layer's default, no suffix) or off:
+/// [`strategy_label`], with `+r<reserve>` when `reserve > 0` and [`MMA_WGRAD_SUFFIX`] when
+/// the stores are off (e.g. `pipelined+r16`, `sequential+mma-wgrad`,
+/// `pipelined+r16+mma-wgrad`).
 pub fn variant_label(s: Strategy, reserve: usize, sm90_stores: bool) -> String {
     let mut label = strategy_label(s);
     if reserve > 0 {
         label += &format!("+r{reserve}");
     }
-    if sm90_stores {
-        label += STORES_SUFFIX;
+    if !sm90_stores {
+        label += MMA_WGRAD_SUFFIX;
     }
     label
 }
 
-/// The label suffix of a case with `LayerOptions::sm90_training_stores` on.
-pub const STORES_SUFFIX: &str = "+s90";
+/// The label suffix of a case with `LayerOptions::sm90_training_stores` off (the expert
+/// weight gradients on `mma.sync`).
+pub const MMA_WGRAD_SUFFIX: &str = "+mma-wgrad";
+
+/// The label suffix that reports written before the stores became the default gave their
+/// stores-on cases (their unlabelled cases had the stores off); the report still compares
+/// such cases with their own `sequential+s90`.
+pub const LEGACY_STORES_SUFFIX: &str = "+s90";
 
 fn shape_of(req: &RunRequest, name: &str) -> Result<Shape> {
     let (base, label) = if name.eq_ignore_ascii_case("custom") {
@@ -298,11 +306,12 @@ pub fn plan(req: &RunRequest) -> Result<RunPlan> {
             stores.push(on);
         }
     }
-    if stores.contains(&true) && !req.backward {
+    if stores.contains(&false) && !req.backward {
         return Err(arg(
             "--sm90-stores",
             req.sm90_stores.join(","),
-            "on changes only training layers (weight gradients, the pre-activation store): add --backward",
+            "off (weight gradients on mma.sync, +mma-wgrad cases) changes only training layers: \
+             add --backward, or leave the flag at its default (on)",
         ));
     }
     let mut variants = Vec::new();
@@ -449,9 +458,10 @@ pub fn rank_main(comm: &Communicator, plan: &RunPlan) -> Result<RankReport> {
                 };
                 let label = format!("{} {} {tokens}", shape.label, v.label());
                 let seed = req.seed ^ (0x51ed_0000 + done as u64);
-                // The training stores change training layers only: a stores-on variant has
-                // no forward-only case (it would time the same inference layer again).
-                if !sm90_stores {
+                // The training stores change training layers only: a stores-off variant
+                // (+mma-wgrad) has no forward-only case (it would time the same inference
+                // layer as the default, stores-on variant again).
+                if sm90_stores {
                     let fwd = time_case(comm, plan, shape, par, tokens, v, false, seed)
                         .map_err(|e| annotate(e, &label, "forward"))?;
                     say(describe(&fwd));
@@ -599,8 +609,10 @@ fn time_case(
         }
     }
     if comm.rank() == 0 {
-        let stores = if !variant.sm90_stores {
+        let stores = if !backward {
             ""
+        } else if !variant.sm90_stores {
+            ", weight gradients on mma.sync (--sm90-stores off)"
         } else if layer.used_hopper_stores() {
             ", training stores on the Hopper engine"
         } else {
@@ -664,10 +676,20 @@ mod tests {
         assert_eq!(
             p.variants,
             vec![
-                (Strategy::Sequential, 0, false),
-                (Strategy::Pipelined { chunks: 4 }, 0, false)
+                (Strategy::Sequential, 0, true),
+                (Strategy::Pipelined { chunks: 4 }, 0, true)
             ],
-            "no GEMM SM reserve and no Hopper training stores by default"
+            "no GEMM SM reserve and the Hopper training stores (the layer's default)"
+        );
+        let labels: Vec<String> = p
+            .variants
+            .iter()
+            .map(|&(s, r, st)| variant_label(s, r, st))
+            .collect();
+        assert_eq!(
+            labels,
+            ["sequential", "pipelined"],
+            "the default is unlabelled"
         );
     }
 
@@ -683,10 +705,10 @@ mod tests {
         assert_eq!(
             p.variants,
             vec![
-                (Strategy::Sequential, 0, false),
-                (pipe, 0, false),
-                (pipe, 8, false),
-                (pipe, 16, false)
+                (Strategy::Sequential, 0, true),
+                (pipe, 0, true),
+                (pipe, 8, true),
+                (pipe, 16, true)
             ]
         );
         let labels: Vec<String> = p
@@ -712,7 +734,7 @@ mod tests {
     }
 
     #[test]
-    fn sm90_stores_sweep_doubles_every_case_and_labels_it() {
+    fn sm90_stores_sweep_doubles_every_case_and_labels_the_mma_wgrad_ones() {
         let p = plan(&RunRequest {
             strategies: vec!["sequential".into(), "pipelined:2".into()],
             gemm_sm_reserve: vec![0, 16],
@@ -742,29 +764,30 @@ mod tests {
         assert_eq!(
             labels,
             [
+                "sequential+mma-wgrad",
                 "sequential",
-                "sequential+s90",
+                "pipelined:2+mma-wgrad",
                 "pipelined:2",
-                "pipelined:2+s90",
-                "pipelined:2+r16",
-                "pipelined:2+r16+s90"
+                "pipelined:2+r16+mma-wgrad",
+                "pipelined:2+r16"
             ]
         );
-        let on_only = plan(&RunRequest {
-            sm90_stores: vec!["on".into()],
+        let off_only = plan(&RunRequest {
+            sm90_stores: vec!["0".into()],
             backward: true,
             ..Default::default()
         })
         .unwrap();
         assert!(
-            on_only.variants.iter().all(|v| v.2),
+            off_only.variants.iter().all(|v| !v.2),
             "{:?}",
-            on_only.variants
+            off_only.variants
         );
-        assert_eq!(on_only.variants.len(), 2);
+        assert_eq!(off_only.variants.len(), 2);
         for bad in [vec!["maybe".to_string()], vec![]] {
             let e = plan(&RunRequest {
                 sm90_stores: bad.clone(),
+                backward: true,
                 ..Default::default()
             })
             .unwrap_err()
@@ -774,19 +797,26 @@ mod tests {
                 assert!(e.contains(v.as_str()), "{e}");
             }
         }
-        // Forward-only runs have no training layer: on is refused, off is the default.
-        let e = plan(&RunRequest {
-            sm90_stores: vec!["off".into(), "on".into()],
-            ..Default::default()
-        })
-        .unwrap_err()
-        .to_string();
-        assert!(e.contains("--backward") && e.contains("off,on"), "{e}");
-        plan(&RunRequest {
-            sm90_stores: vec!["0".into()],
+        // Forward-only runs have no training layer: off (alone or beside on) is refused,
+        // on (the default) is accepted.
+        for off in [vec!["off".to_string(), "on".to_string()], vec!["0".into()]] {
+            let e = plan(&RunRequest {
+                sm90_stores: off.clone(),
+                ..Default::default()
+            })
+            .unwrap_err()
+            .to_string();
+            assert!(
+                e.contains("--backward") && e.contains(&off.join(",")) && e.contains("mma.sync"),
+                "{e}"
+            );
+        }
+        let fwd = plan(&RunRequest {
+            sm90_stores: vec!["on".into()],
             ..Default::default()
         })
         .unwrap();
+        assert!(fwd.variants.iter().all(|v| v.2), "{:?}", fwd.variants);
     }
 
     #[test]

@@ -1,11 +1,13 @@
 //! The layer's grouped GEMMs on the chosen engine: the Hopper engine (`comet_kernels::sm90`)
 //! where the device is sm_90 and the problem fits it, else the portable `mma.sync` engine
 //! (`comet_kernels::gemm` with `Engine::Portable`: this module makes the choice itself, so
-//! that [`GemmEngine::MmaSync`] really runs `mma.sync`). Weight gradients run on the
-//! `mma.sync` engine, which accumulates into fp32, and a training forward's GEMM0 on the
-//! Hopper engine stores the pre-activation before a separate activation kernel, unless
-//! `LayerOptions::sm90_training_stores` (opt-in, not yet measured) turns on the Hopper
-//! engine's f32 accumulate store and its fused pre-activation store: [`Stores`].
+//! that [`GemmEngine::MmaSync`] really runs `mma.sync`). With
+//! `LayerOptions::sm90_training_stores` (the default) the expert weight gradients run on the
+//! Hopper engine's f32 accumulate store and a training forward's GEMM0 on its fused
+//! pre-activation store wherever the Hopper engine takes the problem; with the option off
+//! the weight gradients run on the `mma.sync` engine (which accumulates into fp32) and the
+//! Hopper engine's GEMM0 stores the pre-activation before a separate activation kernel:
+//! [`Stores`].
 //!
 //! Every expert GEMM takes `sms`: `None` runs the engine's full persistent grid; `Some(n)`
 //! caps it at `n` SMs' worth of blocks (see `LayerOptions::gemm_sm_reserve`), so kernels on
@@ -76,11 +78,11 @@ fn cols(t: &DeviceTensor) -> usize {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub(crate) enum Stores {
     /// Weight gradients on `mma.sync`; GEMM0 with the pre-activation on the Hopper engine as
-    /// a GEMM storing `h` plus a separate activation kernel (the default).
-    #[default]
+    /// a GEMM storing `h` plus a separate activation kernel (the option off).
     Portable,
     /// Weight gradients on the Hopper engine's f32 accumulate store and GEMM0 with its fused
-    /// pre-activation store, wherever the Hopper engine takes the problem.
+    /// pre-activation store, wherever the Hopper engine takes the problem (the default).
+    #[default]
     Sm90,
 }
 

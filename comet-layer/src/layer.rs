@@ -93,7 +93,7 @@ pub struct MoeLayer<C: Borrow<Communicator> = Communicator> {
     pub(crate) ev_join: CudaEvent,
     /// Whether the last call ran an expert GEMM on the Hopper engine.
     pub(crate) hopper_used: bool,
-    /// Whether the last call ran a training GEMM on the Hopper engine's opt-in stores
+    /// Whether the last call ran a training GEMM on the Hopper engine's training stores
     /// ([`LayerOptions::sm90_training_stores`]).
     pub(crate) hopper_stores_used: bool,
 }
@@ -360,8 +360,8 @@ impl<C: Borrow<Communicator>> MoeLayer<C> {
     pub fn used_hopper_engine(&self) -> bool {
         self.hopper_used
     }
-    /// Whether the last call ran a training GEMM on the Hopper engine's opt-in stores
-    /// ([`LayerOptions::sm90_training_stores`]): a training forward's GEMM0 with the fused
+    /// Whether the last call ran a training GEMM on the Hopper engine's training stores
+    /// ([`LayerOptions::sm90_training_stores`], on by default): a training forward's GEMM0 with the fused
     /// pre-activation store, or a backward's expert weight gradients on the f32 accumulate
     /// store. Always `false` with the option off.
     pub fn used_hopper_stores(&self) -> bool {

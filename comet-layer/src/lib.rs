@@ -50,11 +50,12 @@
 //! Backward is the mirror image: `⟨dy, o⟩` for the routing-weight gradient and the
 //! weighted `dy` rows dispatched, expert backward (dgrad through `w1`, `dW1`, activation
 //! backward, `dW0`, dgrad through `w0`), the `dx` rows combined back, then the router
-//! backward (`dlogits`, `dx += dlogits · wr`, `dWr += dlogitsᵀ · x`). The expert weight
-//! gradients run on `mma.sync` (f32 accumulate) unless
-//! [`LayerOptions::sm90_training_stores`] (opt-in, not yet measured; `COMET_SM90_STORES=1`)
-//! moves them, and a training forward's GEMM0 with its fused pre-activation store, to the
-//! Hopper engine wherever it runs the other expert GEMMs.
+//! backward (`dlogits`, `dx += dlogits · wr`, `dWr += dlogitsᵀ · x`). Wherever the Hopper
+//! engine runs the other expert GEMMs, the expert weight gradients run on its f32
+//! accumulate store and a training forward's GEMM0 on its fused pre-activation store
+//! ([`LayerOptions::sm90_training_stores`], on by default: faster than `mma.sync` on every
+//! preset on H200); `COMET_SM90_STORES=0` or `.sm90_training_stores(false)` keeps the weight
+//! gradients on `mma.sync` (f32 accumulate).
 //!
 //! [`Strategy::Sequential`] runs all of it on one stream; [`Strategy::Pipelined`] splits the
 //! tokens into chunks and overlaps chunk `i`'s experts (compute stream) with chunk `i + 1`'s

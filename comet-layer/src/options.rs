@@ -171,22 +171,26 @@ pub struct LayerOptions {
     /// (nothing runs beside its GEMMs). Must be below the device's SM count
     /// ([`crate::Error::SmReserve`]). See [`SUGGESTED_GEMM_SM_RESERVE`].
     pub gemm_sm_reserve: usize,
-    /// Not yet measured; turns on the Hopper engine for weight gradients and the fused
-    /// pre-activation store. When the Hopper engine takes a layer's GEMMs (the same rule as
-    /// [`LayerOptions::engine`]: `auto` on sm_90 where the problem fits, or `sm90`), the
-    /// expert weight gradients run on its f32 accumulate store (`dW[g] += aᵀ·b`) and a
-    /// training forward's GEMM0 stores the pre-activation and the activation in one kernel;
-    /// `false` (the default) keeps them on the `mma.sync` engine and the separate activation
-    /// kernel. Default from `COMET_SM90_STORES` (`1` or `0`, see
+    /// The Hopper engine's training stores, on by default. When the Hopper engine takes a
+    /// layer's GEMMs (the same rule as [`LayerOptions::engine`]: `auto` on sm_90 where the
+    /// problem fits, or `sm90`), the expert weight gradients run on its f32 accumulate store
+    /// (`dW[g] += aᵀ·b`) and a training forward's GEMM0 stores the pre-activation and the
+    /// activation in one kernel. On 2×H200 the Hopper engine's accumulating weight gradient
+    /// beats the `mma.sync` one on every preset (e.g. Mixtral 503 vs 288 TFLOP/s; gemm_bench
+    /// 2026-11-29 session 2 call A, `bench/results/`). `false` (`COMET_SM90_STORES=0` or
+    /// `.sm90_training_stores(false)`) keeps the weight gradients on the `mma.sync` engine
+    /// and GEMM0 on a pre-activation store plus a separate activation kernel. Default from
+    /// `COMET_SM90_STORES` (`1` or `0`, on when unset; see
     /// [`LayerOptions::SM90_STORES_ENV`]). The router's weight gradient (one group) always
-    /// runs on `mma.sync`.
+    /// runs on `mma.sync`; without the Hopper engine the option changes nothing.
     pub sm90_training_stores: bool,
 }
 
 impl LayerOptions {
     /// Options with `strategy` and capacity `max_tokens`, training on, engine from
-    /// `COMET_GEMM_ENGINE` (default auto; an unparsable value is reported by
-    /// [`crate::MoeLayer::new`]).
+    /// `COMET_GEMM_ENGINE` (default auto), the Hopper engine's training stores from
+    /// `COMET_SM90_STORES` (default on); an unparsable value is reported by
+    /// [`crate::MoeLayer::new`].
     pub fn new(strategy: Strategy, max_tokens: usize) -> Self {
         LayerOptions {
             strategy,
@@ -194,7 +198,7 @@ impl LayerOptions {
             training: true,
             engine: GemmEngine::from_env().unwrap_or(GemmEngine::Auto),
             gemm_sm_reserve: 0,
-            sm90_training_stores: Self::sm90_stores_from_env().unwrap_or(false),
+            sm90_training_stores: Self::sm90_stores_from_env().unwrap_or(true),
         }
     }
 
@@ -203,14 +207,15 @@ impl LayerOptions {
     /// `true`/`false` are accepted too.
     pub const SM90_STORES_ENV: &'static str = "COMET_SM90_STORES";
 
-    /// The value `COMET_SM90_STORES` names, or `false` when it is unset.
+    /// The value `COMET_SM90_STORES` names, or `true` (the default, stores on) when it is
+    /// unset.
     ///
     /// # Errors
     /// [`Error::ParseSm90Stores`] for a value that is not `1` or `0`.
     pub fn sm90_stores_from_env() -> Result<bool> {
         match std::env::var(Self::SM90_STORES_ENV) {
             Ok(v) => Self::parse_sm90_stores(&v),
-            Err(_) => Ok(false),
+            Err(_) => Ok(true),
         }
     }
 
@@ -229,9 +234,9 @@ impl LayerOptions {
         }
     }
 
-    /// The same options with the Hopper engine's training stores on or off (not yet
-    /// measured; turns on the Hopper engine for weight gradients and the fused
-    /// pre-activation store). See [`LayerOptions::sm90_training_stores`].
+    /// The same options with the Hopper engine's training stores on (the default) or off
+    /// (`false`: the weight gradients on `mma.sync`). See
+    /// [`LayerOptions::sm90_training_stores`].
     pub fn sm90_training_stores(mut self, on: bool) -> Self {
         self.sm90_training_stores = on;
         self
@@ -389,9 +394,13 @@ mod tests {
     #[test]
     fn sm90_stores_option_and_env_values_parse() {
         let o = LayerOptions::new(Strategy::Sequential, 16);
-        // The default is whatever COMET_SM90_STORES says (off when unset); the builder wins.
-        let from_env = LayerOptions::sm90_stores_from_env().unwrap_or(false);
+        // The default is whatever COMET_SM90_STORES says (on when unset: the child-process
+        // test in tests/sm90_stores_env.rs checks the unset case); the builder wins.
+        let from_env = LayerOptions::sm90_stores_from_env().unwrap_or(true);
         assert_eq!(o.sm90_training_stores, from_env);
+        if std::env::var(LayerOptions::SM90_STORES_ENV).is_err() {
+            assert!(o.sm90_training_stores, "on when COMET_SM90_STORES is unset");
+        }
         assert!(o.clone().sm90_training_stores(true).sm90_training_stores);
         assert!(!o.clone().sm90_training_stores(false).sm90_training_stores);
         assert_ne!(

@@ -274,11 +274,63 @@ fn sm_reserve(comm: &Communicator) -> Result<(), String> {
     }
 }
 
-/// `LayerOptions::sm90_training_stores` on: the expert weight gradients on the Hopper
-/// engine's f32 accumulate store and the training GEMM0's fused pre-activation store, against
-/// the same reference. `check_rank` also checks that the stores ran (on sm_90 with `auto`).
+/// `LayerOptions::sm90_training_stores` on (the default, set explicitly so that
+/// `COMET_SM90_STORES=0` does not change these tests): the expert weight gradients on the
+/// Hopper engine's f32 accumulate store and the training GEMM0's fused pre-activation store,
+/// against the same reference. `check_rank` also checks that the stores ran (on sm_90 with
+/// `auto`).
 fn stores_on(o: LayerOptions) -> LayerOptions {
     o.sm90_training_stores(true)
+}
+
+/// `LayerOptions::sm90_training_stores` off: the expert weight gradients on `mma.sync` and
+/// the Hopper engine's GEMM0 storing the pre-activation before a separate activation
+/// kernel (the path `COMET_SM90_STORES=0` selects). `check_rank` checks that the Hopper
+/// stores did not run.
+fn mma_wgrad(o: LayerOptions) -> LayerOptions {
+    o.sm90_training_stores(false)
+}
+
+/// The shrunk presets, Sequential and Pipelined, stores off (auto engine).
+fn mma_wgrad_presets_1gpu(comm: &Communicator) -> Result<(), String> {
+    run_cases_with(
+        comm,
+        &preset_cases(&[93]),
+        &[SEQ, PIPE3],
+        &[GemmEngine::Auto],
+        mma_wgrad,
+    )
+}
+
+fn mma_wgrad_presets_2gpu(comm: &Communicator) -> Result<(), String> {
+    run_cases_with(
+        comm,
+        &preset_cases(&[96, 77]),
+        &[SEQ, PIPE2],
+        &[GemmEngine::Auto],
+        mma_wgrad,
+    )
+}
+
+/// Stores off: two forward + backward passes accumulate twice the gradients on the
+/// `mma.sync` weight gradient, Sequential and Pipelined with the suggested SM reserve.
+fn mma_wgrad_accumulate(comm: &Communicator) -> Result<(), String> {
+    let cfg = shrunk(Preset::Qwen2Moe2_7B, 16);
+    let tokens: Vec<usize> = [80, 61][..comm.world_size()].to_vec();
+    let c = Case::new("mma-wgrad-repeat", cfg, &tokens, Route::Random, 7201);
+    let r = reference(&c);
+    for (s, reserve) in [(SEQ, 0), (PIPE2, comet_layer::SUGGESTED_GEMM_SM_RESERVE)] {
+        let opts = mma_wgrad(LayerOptions::new(s, 80).gemm_sm_reserve(reserve));
+        let mut layer = build_opts(comm, &c, &r, opts)?;
+        let line = check_rank(&mut layer, &c, &r, 2)
+            .map_err(|e| format!("{s} reserve {reserve} twice, mma wgrad: {e}"))?;
+        println!(
+            "case mma-wgrad repeat / {s} reserve {reserve} x2 rank {}: {line} (stores: {})",
+            comm.rank(),
+            layer.used_hopper_stores()
+        );
+    }
+    Ok(())
 }
 
 /// The shrunk presets, Sequential and Pipelined, stores on (auto engine).
@@ -401,6 +453,24 @@ fn w1_threads_sm90_stores_accumulate_and_reserve() {
 #[ignore = "needs 2 CUDA GPUs"]
 fn w2_threads_sm90_stores_accumulate_and_reserve() {
     in_threads(2, sm90_stores_accumulate_and_reserve);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn w1_threads_mma_wgrad_presets() {
+    in_threads(1, mma_wgrad_presets_1gpu);
+}
+
+#[test]
+#[ignore = "needs 2 CUDA GPUs"]
+fn w2_threads_mma_wgrad_presets() {
+    in_threads(2, mma_wgrad_presets_2gpu);
+}
+
+#[test]
+#[ignore = "needs 2 CUDA GPUs"]
+fn w2_threads_mma_wgrad_accumulate() {
+    in_threads(2, mma_wgrad_accumulate);
 }
 
 #[test]

@@ -1,5 +1,6 @@
 //! `COMET_SM90_STORES` (CPU only): the default of `LayerOptions::sm90_training_stores` comes
-//! from it like the engine's from `COMET_GEMM_ENGINE`, and a bad value is reported by
+//! from it like the engine's from `COMET_GEMM_ENGINE` (on when unset; `0` turns the Hopper
+//! engine's training stores off), and a bad value is reported by
 //! `LayerOptions::validate` (what `MoeLayer::new` calls). The environment is per process, so
 //! the test runs this binary again, filtered to itself, once per value (no variable is set
 //! in this process, where other tests run on other threads).
@@ -33,7 +34,10 @@ fn check_child(expect: &str) {
             let value = bad
                 .strip_prefix("error:")
                 .expect("an error:<value> expectation");
-            assert!(!o.sm90_training_stores, "a bad value leaves the option off");
+            assert!(
+                o.sm90_training_stores,
+                "a bad value leaves the option at its default (on)"
+            );
             let e = o.validate().unwrap_err();
             assert!(
                 matches!(&e, Error::ParseSm90Stores { value: v } if v == value),
@@ -56,10 +60,11 @@ fn sm90_stores_env_override_and_errors() {
         return;
     }
     let exe = std::env::current_exe().unwrap();
-    let runs: [(Option<&str>, &str); 6] = [
-        (None, "off"),
+    let runs: [(Option<&str>, &str); 7] = [
+        (None, "on"),
         (Some("1"), "on"),
         (Some("0"), "off"),
+        (Some(" Off "), "off"),
         (Some(" On "), "on"),
         (Some("2"), "error:2"),
         (Some("yes"), "error:yes"),

@@ -399,12 +399,12 @@ pub fn check_rank<C: std::borrow::Borrow<Communicator>>(
     Ok(summary.join(", "))
 }
 
-/// Whether the layer's last call ran the Hopper engine's opt-in training stores exactly when
-/// it should: `LayerOptions::sm90_training_stores` on, the Hopper engine chosen (`auto` on
-/// sm_90 — every shape of these tests fits it, see comet-layer's
-/// `the_hopper_engine_takes_the_sm90_stores_training_gemms` — or `sm90`) and rows received.
-/// So an `sm90_stores` test cannot pass on a silent fallback to `mma.sync`, and the option
-/// off never runs them.
+/// Whether the layer's last call ran the Hopper engine's training stores exactly when it
+/// should: `LayerOptions::sm90_training_stores` on (the default, unless `COMET_SM90_STORES=0`),
+/// the Hopper engine chosen (`auto` on sm_90 — every shape of these tests fits it, see
+/// comet-layer's `the_hopper_engine_takes_the_sm90_stores_training_gemms` — or `sm90`) and
+/// rows received. So a test with the stores on cannot pass on a silent fallback to
+/// `mma.sync`, and a test with the option off (`mma_wgrad`) never runs them.
 pub fn check_stores_ran<C: std::borrow::Borrow<Communicator>>(
     layer: &MoeLayer<C>,
     call: &str,
@@ -440,7 +440,8 @@ pub fn run_cases(
 }
 
 /// [`run_cases`] with the layer options adjusted by `adjust` (e.g. the Hopper training
-/// stores on); the case lines name the adjusted options' stores and SM reserve.
+/// stores off or explicitly on); the case lines name the stores when off and the SM
+/// reserve when set.
 pub fn run_cases_with(
     comm: &Communicator,
     cases: &[Case],
@@ -463,7 +464,7 @@ pub fn run_cases_with(
                 let t1 = Instant::now();
                 let opts = adjust(LayerOptions::new(s, c.max_tokens()).engine(engine));
                 let extra = match (opts.sm90_training_stores, opts.gemm_sm_reserve) {
-                    (false, 0) => String::new(),
+                    (true, 0) => String::new(),
                     (st, r) => format!(" (sm90 stores {st}, reserve {r})"),
                 };
                 let mut layer = build_opts(comm, c, &r, opts)?;
