@@ -20,10 +20,15 @@
 #ifndef SM90_AUX
 #define SM90_AUX 0
 #endif
+// Rows per tile (absent = 128; 256: cooperative, BN = 128).
+#ifndef SM90_BM
+#define SM90_BM 128
+#endif
 
 typedef comet_sm90::Config<SM90_MODE, SM90_BN, SM90_PINGPONG != 0, SM90_STAGES, SM90_EPI,
                            SM90_IN_F16 != 0, SM90_OUT_F16 != 0, SM90_BAND, SM90_CLUSTER,
-                           SM90_L2HINT, SM90_OUT_F32 != 0, SM90_ACCUM != 0, SM90_AUX != 0>
+                           SM90_L2HINT, SM90_OUT_F32 != 0, SM90_ACCUM != 0, SM90_AUX != 0,
+                           SM90_BM>
     comet_sm90_config;
 
 #ifdef SM90_SMEM_ONE_EXPERT

@@ -7,7 +7,8 @@ use crate::gemm::{Epilogue, GemmKind};
 /// How the two consumer warpgroups share the work.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Schedule {
-    /// Both warpgroups work on every 128-row tile, 64 rows each (tiles up to 128x256).
+    /// Both warpgroups work on every tile, half its rows each: 64 rows of a 128-row tile
+    /// (tiles up to 128x256), or 128 rows (two m64 blocks) of a 256-row tile (256x128).
     Cooperative,
     /// Each warpgroup owns alternate 128-row tiles; one's epilogue overlaps the other's
     /// mainloop (tiles 128x128).
@@ -46,6 +47,11 @@ impl Sm90Store {
 /// One specialisation of the engine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Sm90Config {
+    /// Rows per tile: 128, or 256 (cooperative schedule with `bn = 128` only: each consumer
+    /// warpgroup owns 128 rows, two m64 wgmma blocks, so an expert of up to 256 rows is one
+    /// m-tile and each weight tile is read once for it). A ring stage holds `bm x 64`
+    /// elements of A; the forward/dgrad producer issues `bm / 128` TMA boxes of 128 rows.
+    pub bm: u32,
     /// Accumulator columns per tile: 128 or 256.
     pub bn: u32,
     /// Consumer schedule.
@@ -61,7 +67,9 @@ pub struct Sm90Config {
     pub l2_hint: bool,
 }
 
-/// Rows per tile (fixed: two m64 wgmma blocks).
+/// Rows of a forward/dgrad A tensor-map box (two m64 wgmma blocks); also the rows per tile
+/// of every named configuration but [`Sm90Config::TALL_256`] and
+/// [`Sm90Config::TALL_256_C2`] (a tile has [`Sm90Config::bm`] rows: `bm / BM` boxes).
 pub const BM: u32 = 128;
 /// Reduction depth per stage (one 128-byte swizzled row of 16-bit elements).
 pub const BK: u32 = 64;
@@ -71,6 +79,7 @@ pub const THREADS: u32 = 384;
 impl Sm90Config {
     /// 128x256 cooperative, 4 stages.
     pub const COOP_256: Sm90Config = Sm90Config {
+        bm: 128,
         bn: 256,
         schedule: Schedule::Cooperative,
         stages: 4,
@@ -85,6 +94,7 @@ impl Sm90Config {
     };
     /// 128x128 ping-pong, 6 stages.
     pub const PINGPONG_128: Sm90Config = Sm90Config {
+        bm: 128,
         bn: 128,
         schedule: Schedule::PingPong,
         stages: 6,
@@ -94,6 +104,7 @@ impl Sm90Config {
     };
     /// 128x128 cooperative, 6 stages.
     pub const COOP_128: Sm90Config = Sm90Config {
+        bm: 128,
         bn: 128,
         schedule: Schedule::Cooperative,
         stages: 6,
@@ -101,13 +112,31 @@ impl Sm90Config {
         band: 16,
         l2_hint: false,
     };
+    /// 256x128 cooperative, 4 stages: each consumer warpgroup owns 128 rows (two m64
+    /// blocks); an expert of up to 256 rows is a single m-tile.
+    pub const TALL_256: Sm90Config = Sm90Config {
+        bm: 256,
+        bn: 128,
+        schedule: Schedule::Cooperative,
+        stages: 4,
+        cluster: 1,
+        band: 16,
+        l2_hint: false,
+    };
+    /// 256x128 cooperative, 4 stages, 2-CTA clusters with weight-tile multicast.
+    pub const TALL_256_C2: Sm90Config = Sm90Config {
+        cluster: 2,
+        ..Sm90Config::TALL_256
+    };
 
     /// The named configurations (benchmarks, tests).
-    pub const ALL: [(&'static str, Sm90Config); 4] = [
+    pub const ALL: [(&'static str, Sm90Config); 6] = [
         ("coop256x4", Sm90Config::COOP_256),
         ("c2coop256", Sm90Config::COOP_256_C2),
         ("pp128x6", Sm90Config::PINGPONG_128),
         ("coop128x6", Sm90Config::COOP_128),
+        ("t256x4", Sm90Config::TALL_256),
+        ("c2t256", Sm90Config::TALL_256_C2),
     ];
 
     /// Output columns per tile (SwiGLU pairs gate and up columns: half the accumulators).
@@ -121,9 +150,10 @@ impl Sm90Config {
 
     /// Dynamic shared memory for `experts` experts; must equal `Config::smem_bytes` (the NVRTC
     /// entry point `static_assert`s it): 1 KiB alignment slack, the ring, two 64x72 bf16
-    /// staging tiles, 16 bytes of barriers per stage, 8 bytes per expert + 8.
+    /// staging tiles, 16 bytes of barriers per stage, 8 bytes per expert + 8. A stage holds
+    /// `bm x 64` elements of A and `bn x 64` of B.
     pub fn smem_bytes(&self, experts: usize) -> usize {
-        let ring = self.stages as usize * (BM as usize + self.bn as usize) * BK as usize * 2;
+        let ring = self.stages as usize * (self.bm as usize + self.bn as usize) * BK as usize * 2;
         let staging = 2 * 64 * (64 + 8) * 2;
         1024 + ring + staging + 16 * self.stages as usize + 8 * (experts + 1)
     }
@@ -131,8 +161,17 @@ impl Sm90Config {
     /// Checks the configuration against the engine's compile-time rules for `kind`.
     pub fn validate(&self, kind: GemmKind, epilogue: Epilogue) -> Result<()> {
         let bad = |why: &str| Err(Error::Invalid(format!("sm90 config {self:?}: {why}")));
+        if self.bm != 128 && self.bm != 256 {
+            return bad("bm (rows per tile) must be 128 or 256");
+        }
         if self.bn != 128 && self.bn != 256 {
             return bad("bn must be 128 or 256");
+        }
+        if self.bm == 256 && (self.schedule != Schedule::Cooperative || self.bn != 128) {
+            return bad(
+                "bm = 256 needs the cooperative schedule and bn = 128 (each consumer warpgroup \
+                 holds two m64 blocks of accumulators: registers)",
+            );
         }
         if self.schedule == Schedule::PingPong && self.bn != 128 {
             return bad("ping-pong keeps 128 rows per warpgroup: bn must be 128");
@@ -181,7 +220,9 @@ impl Sm90Config {
         d
     }
 
-    /// NVRTC specialisation macros (see `cuda/sm90/grouped_gemm_sm90.cu`).
+    /// NVRTC specialisation macros (see `cuda/sm90/grouped_gemm_sm90.cu`). `SM90_BM` is set
+    /// only for 256-row tiles (absent means 128), so 128-row configurations keep their
+    /// macros, cache keys and kernels.
     pub fn defines(
         &self,
         kind: GemmKind,
@@ -216,6 +257,9 @@ impl Sm90Config {
         put("SM90_BAND", self.band as usize);
         put("SM90_CLUSTER", self.cluster as usize);
         put("SM90_L2HINT", usize::from(self.l2_hint));
+        if self.bm != 128 {
+            put("SM90_BM", self.bm as usize);
+        }
         put("SM90_SMEM_ONE_EXPERT", self.smem_bytes(1));
         d
     }
@@ -383,5 +427,100 @@ mod tests {
         assert_eq!((deepseek.cluster, deepseek.l2_hint), (2, true));
         let wgrad = Sm90Config::choose(GemmKind::Wgrad, Epilogue::None, 8, 16384);
         assert_eq!((wgrad.cluster, wgrad.l2_hint), (1, true));
+        // The defaults keep 128-row tiles (256-row tiles are opt-in).
+        for c in [mixtral, deepseek, wgrad] {
+            assert_eq!((c.bm, c.bn), (128, 256));
+        }
+    }
+
+    #[test]
+    fn tall_tiles_validate() {
+        for c in [Sm90Config::TALL_256, Sm90Config::TALL_256_C2] {
+            assert_eq!((c.bm, c.bn, c.stages), (256, 128, 4));
+            assert_eq!(c.schedule, Schedule::Cooperative);
+            for epi in [Epilogue::None, Epilogue::SwiGlu, Epilogue::Gelu] {
+                c.validate(GemmKind::Forward, epi).unwrap();
+            }
+            c.validate(GemmKind::Dgrad, Epilogue::None).unwrap();
+        }
+        Sm90Config::TALL_256
+            .validate(GemmKind::Wgrad, Epilogue::None)
+            .unwrap();
+        assert!(
+            Sm90Config::TALL_256_C2
+                .validate(GemmKind::Wgrad, Epilogue::None)
+                .is_err()
+        );
+        let names: Vec<&str> = Sm90Config::ALL.iter().map(|(n, _)| *n).collect();
+        assert!(
+            names.contains(&"t256x4") && names.contains(&"c2t256"),
+            "{names:?}"
+        );
+        // Every other named configuration keeps 128-row tiles.
+        for (name, c) in Sm90Config::ALL {
+            assert_eq!(c.bm == 256, name.contains("t256"), "{name}");
+        }
+        let err = |c: Sm90Config| {
+            c.validate(GemmKind::Forward, Epilogue::None)
+                .unwrap_err()
+                .to_string()
+        };
+        for bm in [0, 64, 192, 512] {
+            let e = err(Sm90Config {
+                bm,
+                ..Sm90Config::COOP_128
+            });
+            assert!(e.contains("bm (rows per tile) must be 128 or 256"), "{e}");
+            assert!(e.contains(&format!("bm: {bm}")), "{e}");
+        }
+        let e = err(Sm90Config {
+            bm: 256,
+            ..Sm90Config::PINGPONG_128
+        });
+        assert!(e.contains("bm = 256 needs the cooperative schedule"), "{e}");
+        let e = err(Sm90Config {
+            bm: 256,
+            ..Sm90Config::COOP_256
+        });
+        assert!(e.contains("bn = 128"), "{e}");
+    }
+
+    #[test]
+    fn tall_tiles_smem_and_defines() {
+        // config.cuh: A stage 256 x 64 x 2 = 32 KiB, B stage 16 KiB, 4 stages = 192 KiB,
+        // + 1024 + 18432 staging + 64 barriers + 16 (one expert): the same as 128x256.
+        assert_eq!(
+            Sm90Config::TALL_256.smem_bytes(1),
+            1024 + 4 * (32768 + 16384) + 18432 + 64 + 16
+        );
+        let c = Sm90Config {
+            stages: 3,
+            ..Sm90Config::TALL_256
+        };
+        assert_eq!(c.smem_bytes(8), 1024 + 3 * 49152 + 18432 + 48 + 8 * 9);
+        let d = Sm90Config::TALL_256.defines(GemmKind::Forward, Epilogue::SwiGlu, false, false);
+        assert_eq!(d["SM90_BM"], "256");
+        assert_eq!(d["SM90_BN"], "128");
+        assert_eq!(d["SM90_SMEM_ONE_EXPERT"], "216144");
+        let acc = Sm90Store {
+            f32_out: true,
+            accumulate: true,
+            aux: false,
+        };
+        let d = Sm90Config::TALL_256_C2.defines_store(GemmKind::Dgrad, Epilogue::None, true, acc);
+        assert_eq!(
+            (d["SM90_BM"].as_str(), d["SM90_CLUSTER"].as_str()),
+            ("256", "2")
+        );
+        // 128-row tiles add no SM90_BM: their specialisations keep exactly their macros.
+        for (name, c) in Sm90Config::ALL.into_iter().filter(|(_, c)| c.bm == 128) {
+            for kind in [GemmKind::Forward, GemmKind::Dgrad] {
+                let d = c.defines(kind, Epilogue::None, false, false);
+                assert!(!d.contains_key("SM90_BM"), "{name}");
+                assert_eq!(d.len(), 11, "{name}");
+                let d = c.defines_store(kind, Epilogue::None, false, acc);
+                assert!(!d.contains_key("SM90_BM"), "{name}");
+            }
+        }
     }
 }

@@ -175,6 +175,7 @@ pub fn plan(d: &Sm90Desc, smem_optin: usize) -> Result<Sm90Plan> {
             k = bk;
             n_out = dims.out_cols;
             m_out = 0;
+            // Boxes of BM = 128 rows: a tile of `bm` rows loads `bm / 128` of them.
             a_map = TileMap {
                 dims: vec![bk as u64, rows_cap as u64],
                 strides: vec![bk as u64 * esize],
@@ -195,6 +196,7 @@ pub fn plan(d: &Sm90Desc, smem_optin: usize) -> Result<Sm90Plan> {
             k = bn;
             n_out = dims.out_cols;
             m_out = 0;
+            // Boxes of BM = 128 rows, as forward.
             a_map = TileMap {
                 dims: vec![bn as u64, rows_cap as u64],
                 strides: vec![bn as u64 * esize],
@@ -212,6 +214,7 @@ pub fn plan(d: &Sm90Desc, smem_optin: usize) -> Result<Sm90Plan> {
             k = 0;
             n_out = dims.out_cols;
             m_out = wn;
+            // Boxes of 64 x 64: a tile loads `bm / 64` of A and `bn / 64` of B per stage.
             a_map = TileMap {
                 dims: vec![wn as u64, rows_cap as u64],
                 strides: vec![wn as u64 * esize],
@@ -279,8 +282,10 @@ pub fn plan(d: &Sm90Desc, smem_optin: usize) -> Result<Sm90Plan> {
     for (what, v) in [("rows", rows_cap), ("output columns", n_out), ("K", k)] {
         fits_i32(what, v)?;
     }
+    // Canonical tiles (scheduler.cuh): m-tiles of `bm` rows per expert (forward/dgrad: at most
+    // one partial tile per expert; wgrad: `ceil(m_out / bm)`), times the n-tiles.
     let n_tiles = n_out.div_ceil(d.config.out_bn(d.epilogue) as usize);
-    let bm = BM as usize;
+    let bm = d.config.bm as usize;
     let max_tiles = if d.kind == GemmKind::Wgrad {
         groups * m_out.div_ceil(bm) * n_tiles
     } else {
@@ -702,6 +707,7 @@ pub fn grouped_gemm(gpu: &Gpu, g: Sm90Gemm<'_>) -> Result<()> {
         n = plan.n_out,
         grid = cfg.gridDimX,
         cluster,
+        bm = desc.config.bm,
         pingpong = desc.config.schedule == Schedule::PingPong,
         f32_out = plan.store.f32_out,
         accumulate = plan.store.accumulate,
@@ -825,6 +831,71 @@ mod tests {
         let mut w2 = w.clone();
         w2.config = Sm90Config::COOP_256_C2;
         assert!(matches!(plan(&w2, OPTIN), Err(Error::Invalid(_))));
+    }
+
+    #[test]
+    fn tall_tile_plans() {
+        // Forward, 256-row tiles: A still loads in boxes of 128 rows (two per tile); at most
+        // rows_cap / 256 full m-tiles plus one partial per expert; n-tiles of 128 columns.
+        let mut d = fwd(&[16384, 4096], &[8, 28672, 4096], &[16384, 28672], 8);
+        d.config = Sm90Config::TALL_256;
+        let p = plan(&d, OPTIN).unwrap();
+        assert_eq!(p.a_map.box_dims, vec![64, 128]);
+        assert_eq!(p.b_map.box_dims, vec![64, 64, 1, 1]);
+        assert_eq!(p.max_tiles, (16384 / 256 + 8) * (28672 / 128));
+        assert_eq!(p.defines["SM90_BM"], "256");
+        assert_eq!(p.smem_bytes, Sm90Config::TALL_256.smem_bytes(8));
+        // SwiGLU: 64 output columns per tile; ragged rows (300 = one full tile + a partial).
+        let mut d = fwd(&[300, 512], &[3, 400, 512], &[300, 200], 3);
+        d.epilogue = Epilogue::SwiGlu;
+        d.config = Sm90Config::TALL_256_C2;
+        let p = plan(&d, OPTIN).unwrap();
+        assert_eq!(p.max_tiles, (300 / 256 + 3) * 200usize.div_ceil(64));
+        // A tile order one id short of the worst case is rejected.
+        d.tile_order = Some(Meta::new(DType::I32, &[p.max_tiles - 1]));
+        let e = plan(&d, OPTIN).unwrap_err();
+        assert!(
+            e.to_string().contains(&format!(">= {}", p.max_tiles)),
+            "{e}"
+        );
+        // Dgrad: same A boxes, 2 x 64 columns of B per tile.
+        let mut d = fwd(&[300, 2048], &[16, 2048, 4096], &[300, 4096], 16);
+        d.kind = GemmKind::Dgrad;
+        d.config = Sm90Config::TALL_256;
+        let p = plan(&d, OPTIN).unwrap();
+        assert_eq!(p.a_map.box_dims, vec![64, 128]);
+        assert_eq!(p.max_tiles, (300 / 256 + 16) * (4096 / 128));
+        // Wgrad: A boxes of 64 x 64 (four per 256-row tile), ceil(m_out / 256) m-tiles.
+        let w = Sm90Desc {
+            kind: GemmKind::Wgrad,
+            a: Meta::new(DType::BF16, &[300, 2000]),
+            b: Meta::new(DType::BF16, &[300, 4096]),
+            offsets: Meta::new(DType::I32, &[17]),
+            c: Meta::new(DType::F32, &[16, 2000, 4096]),
+            accumulate: true,
+            aux: None,
+            epilogue: Epilogue::None,
+            row_scale: None,
+            tile_order: None,
+            error_flag: None,
+            config: Sm90Config::TALL_256,
+            max_ctas: None,
+        };
+        let p = plan(&w, OPTIN).unwrap();
+        assert_eq!(p.a_map.box_dims, vec![64, 64]);
+        assert_eq!(p.max_tiles, 16 * 2000usize.div_ceil(256) * (4096 / 128));
+        assert_eq!(p.defines["SM90_BM"], "256");
+        let mut w2 = w.clone();
+        w2.config = Sm90Config::TALL_256_C2;
+        assert!(matches!(plan(&w2, OPTIN), Err(Error::Invalid(_))));
+        // 256-row tiles on the ping-pong schedule are rejected by plan too.
+        let mut bad = w.clone();
+        bad.config = Sm90Config {
+            bm: 256,
+            ..Sm90Config::PINGPONG_128
+        };
+        let e = plan(&bad, OPTIN).unwrap_err();
+        assert!(e.to_string().contains("cooperative"), "{e}");
     }
 
     #[test]

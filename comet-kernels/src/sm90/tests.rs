@@ -114,7 +114,7 @@ fn random(rng: &mut StdRng, n: usize, scale: f32, f16_: bool) -> Vec<f32> {
 /// Canonical tile count of a routing (see scheduler.cuh).
 fn tile_count(c: &Case) -> usize {
     let n_tiles = c.n_out().div_ceil(c.config.out_bn(c.epilogue) as usize);
-    let bm = BM as usize;
+    let bm = c.config.bm as usize;
     match c.kind {
         GemmKind::Wgrad => c.counts.len() * c.n.div_ceil(bm) * n_tiles,
         _ => c.counts.iter().map(|r| r.div_ceil(bm)).sum::<usize>() * n_tiles,
@@ -458,6 +458,8 @@ fn forward_swiglu_gelu_scale_f16() {
         Sm90Config::COOP_256_C2,
         Sm90Config::COOP_256,
         Sm90Config::PINGPONG_128,
+        Sm90Config::TALL_256,
+        Sm90Config::TALL_256_C2,
     ] {
         let swiglu = Case::fwd(&[100, 0, 200, 129], 400, 320).with(|c| {
             c.epilogue = Epilogue::SwiGlu;
@@ -489,6 +491,8 @@ fn dgrad_and_wgrad() {
         Sm90Config::COOP_256_C2,
         Sm90Config::COOP_256,
         Sm90Config::PINGPONG_128,
+        Sm90Config::TALL_256,
+        Sm90Config::TALL_256_C2,
     ] {
         let d = Case::fwd(&RAGGED, 1000, 264).with(|c| {
             c.kind = GemmKind::Dgrad;
@@ -496,7 +500,11 @@ fn dgrad_and_wgrad() {
         });
         check(&gpu, &d, 11);
     }
-    for cfg in [Sm90Config::COOP_256, Sm90Config::PINGPONG_128] {
+    for cfg in [
+        Sm90Config::COOP_256,
+        Sm90Config::PINGPONG_128,
+        Sm90Config::TALL_256,
+    ] {
         // an expert with no rows must get an all-zero weight gradient
         let w = Case::fwd(&[0, 3, 200, 129, 0], 200, 264).with(|c| {
             c.kind = GemmKind::Wgrad;
@@ -644,6 +652,7 @@ fn wgrad_f32_and_accumulate() {
         ("coop256x4", Sm90Config::COOP_256),
         ("pp128x6", Sm90Config::PINGPONG_128),
         ("coop128x6", Sm90Config::COOP_128),
+        ("t256x4", Sm90Config::TALL_256),
     ];
     let mut seed = 400;
     for (name, cfg) in configs {
@@ -701,6 +710,8 @@ fn forward_and_dgrad_f32_and_accumulate() {
         Sm90Config::COOP_256_C2,
         Sm90Config::COOP_256,
         Sm90Config::PINGPONG_128,
+        Sm90Config::TALL_256,
+        Sm90Config::TALL_256_C2,
     ] {
         for accumulate in [false, true] {
             let cases = [
@@ -724,14 +735,118 @@ fn forward_and_dgrad_f32_and_accumulate() {
                 seed += 1;
                 let e = check(&gpu, &c, seed);
                 eprintln!(
-                    "{:?} {:?} f32 accumulate {accumulate} cluster {} pp {}: rel L2 {e:.2e}",
+                    "{:?} {:?} f32 accumulate {accumulate} bm {} cluster {} pp {}: rel L2 {e:.2e}",
                     c.kind,
                     c.epilogue,
+                    cfg.bm,
                     cfg.cluster,
                     cfg.schedule == Schedule::PingPong
                 );
             }
         }
+    }
+}
+
+/// 256-row tiles (`Sm90Config::TALL_256`, clustered `TALL_256_C2`): experts of exactly 256
+/// and 257 rows (one full tile; one full tile plus a one-row tile), 255, 513, one row and
+/// none, on forward (plain, SwiGLU with row scale, GeLU), dgrad and wgrad (output rows per
+/// expert 256 and 264: one full m-tile, and one plus an 8-row tile), 16-bit and f32 C,
+/// overwriting and accumulating, f16 inputs, a reversed tile order and a capped grid whose
+/// output must equal the full grid's bit for bit.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn tall_tiles_edge_rows() {
+    let gpu = gpu();
+    if !hopper(&gpu) {
+        return;
+    }
+    const EDGES: [usize; 7] = [256, 257, 0, 255, 1, 513, 0];
+    let mut seed = 700;
+    for (name, cfg) in [
+        ("t256x4", Sm90Config::TALL_256),
+        ("c2t256", Sm90Config::TALL_256_C2),
+        (
+            "c2t256+hint",
+            Sm90Config {
+                l2_hint: true,
+                ..Sm90Config::TALL_256_C2
+            },
+        ),
+    ] {
+        let mut cases = vec![
+            Case::fwd(&EDGES, 264, 392),
+            Case::fwd(&EDGES, 400, 328).with(|c| {
+                c.epilogue = Epilogue::SwiGlu;
+                c.scale = true;
+            }),
+            Case::fwd(&EDGES, 256, 200).with(|c| c.epilogue = Epilogue::Gelu),
+            Case::fwd(&EDGES, 328, 264).with(|c| {
+                c.kind = GemmKind::Dgrad;
+                c.scale = true;
+            }),
+            Case::fwd(&[256], 128, 64),
+            Case::fwd(&[257], 128, 64).with(|c| c.kind = GemmKind::Dgrad),
+        ];
+        if cfg.cluster == 1 {
+            for n in [256, 264] {
+                cases.push(Case::fwd(&EDGES, n, 136).with(|c| c.kind = GemmKind::Wgrad));
+            }
+        }
+        for base in cases {
+            let variants = [
+                base.clone(),
+                base.clone().with(|c| c.out_f32 = true),
+                base.clone().with(|c| {
+                    c.out_f32 = true;
+                    c.accumulate = true;
+                }),
+            ];
+            for c in variants {
+                let c = c.with(|c| c.config = cfg);
+                seed += 1;
+                let e = check(&gpu, &c, seed);
+                eprintln!(
+                    "{name} {:?} {:?} {:?} n {} k {} f32 {} accumulate {}: rel L2 {e:.2e}",
+                    c.kind, c.epilogue, c.counts, c.n, c.k, c.out_f32, c.accumulate
+                );
+            }
+        }
+    }
+    // f16 inputs, a reversed tile order (ids from plan's max_tiles for 256-row tiles).
+    for kind in [GemmKind::Forward, GemmKind::Dgrad, GemmKind::Wgrad] {
+        for c in [
+            Case::fwd(&EDGES, 264, 136).with(|c| c.f16 = true),
+            Case::fwd(&EDGES, 264, 136).with(|c| c.reversed = true),
+        ] {
+            let c = c.with(|c| {
+                c.kind = kind;
+                c.config = Sm90Config::TALL_256;
+            });
+            seed += 1;
+            let e = check(&gpu, &c, seed);
+            eprintln!(
+                "t256x4 {kind:?} f16 {} reversed {}: rel L2 {e:.2e}",
+                c.f16, c.reversed
+            );
+        }
+    }
+    // A capped grid (CTAs walk several 256-row tiles) matches the full grid bit for bit.
+    for (kind, cfg, cap) in [
+        (GemmKind::Forward, Sm90Config::TALL_256_C2, 2),
+        (GemmKind::Dgrad, Sm90Config::TALL_256, 3),
+        (GemmKind::Wgrad, Sm90Config::TALL_256, 5),
+    ] {
+        let base = Case::fwd(&EDGES, 520, 264).with(|c| {
+            c.kind = kind;
+            c.config = cfg;
+        });
+        seed += 1;
+        let (_, full) = run_checked(&gpu, &base, seed);
+        let (_, bits) = run_checked(&gpu, &base.clone().with(|c| c.max_ctas = Some(cap)), seed);
+        assert!(
+            bits == full,
+            "{kind:?} {cfg:?} max_ctas {cap}: output differs"
+        );
     }
 }
 
@@ -939,8 +1054,8 @@ fn nvrtc_compiles_every_specialisation() {
     let d = hinted.defines(GemmKind::Dgrad, Epilogue::None, false, false);
     cache.cubin(&program(), &d, Arch::SM90).expect("l2 hint");
     assert_eq!(
-        n, 19,
-        "specialisations: 4 configs x 5 (kind, epilogue) minus clustered wgrad"
+        n, 28,
+        "specialisations: 6 configs x 5 (kind, epilogue) minus clustered wgrad"
     );
     // Store variants: f32 (+ accumulate) for every valid (config, kind, epilogue), the
     // pre-activation store for the activations; f16 inputs and L2 hints once each.
@@ -980,7 +1095,7 @@ fn nvrtc_compiles_every_specialisation() {
     }
     assert_eq!(
         m,
-        19 * 2 + 8,
+        28 * 2 + 12,
         "f32 and f32+accumulate everywhere, aux with activations"
     );
     let acc = Sm90Store {
@@ -1003,5 +1118,16 @@ fn nvrtc_compiles_every_specialisation() {
     // A wrong shared-memory mirror must fail to compile.
     let mut d = Sm90Config::COOP_256.defines(GemmKind::Forward, Epilogue::None, false, false);
     d.insert("SM90_SMEM_ONE_EXPERT".into(), "1".into());
+    assert!(cache.cubin(&program(), &d, Arch::SM90).is_err());
+    // SM90_BM reaches the Config: without it a 256x128 tile's smem mirror does not match
+    // (128 x 128 tiles need less), and 256-row ping-pong tiles are rejected by config.cuh.
+    let mut d = Sm90Config::TALL_256.defines(GemmKind::Forward, Epilogue::None, false, false);
+    assert_eq!(d.remove("SM90_BM").as_deref(), Some("256"));
+    assert!(cache.cubin(&program(), &d, Arch::SM90).is_err());
+    let pp = Sm90Config {
+        bm: 256,
+        ..Sm90Config::PINGPONG_128
+    };
+    let d = pp.defines(GemmKind::Forward, Epilogue::None, false, false);
     assert!(cache.cubin(&program(), &d, Arch::SM90).is_err());
 }
