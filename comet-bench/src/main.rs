@@ -88,7 +88,8 @@ struct RunArgs {
     /// Distinct input tensors the iterations rotate over.
     #[arg(long, default_value_t = 4)]
     pool: usize,
-    /// Also time forward + backward (a second case per strategy).
+    /// Also time forward + backward (a second case per strategy): each timed step is
+    /// zero_grad (O(1), lazy: the backward overwrites the gradients) + forward + backward.
     #[arg(long)]
     backward: bool,
     /// Skip the phase-timed pass.

@@ -7,14 +7,18 @@
 //! - **forward**: an inference layer (`training = false`), `--warmup` untimed calls, then
 //!   `--iters` timed calls (a barrier before each so the ranks start together; CUDA events
 //!   on the layer's compute stream around the call); the median is reported;
-//! - **forward + backward** (`--backward`): a training layer, the same with forward then
-//!   backward per timed iteration;
+//! - **forward + backward** (`--backward`): a training layer, the same with
+//!   `MoeLayer::zero_grad`, forward then backward per timed iteration, as a training step
+//!   runs them (the timed region includes `zero_grad`: it is O(1), no memset; each
+//!   backward then overwrites the weight gradients with its first write instead of reading
+//!   and adding to them);
 //! - `--sm90-stores off` (or `off,on`): the forward + backward case again with
 //!   `LayerOptions::sm90_training_stores` off (the weight gradients on `mma.sync`), labelled
 //!   `+mma-wgrad` (no forward-only case: an inference layer has no training stores; needs
 //!   `--backward`). The unlabelled cases are the layer's default, stores on;
 //! - **phases**: a separate phase-timed pass of `--iters` calls with per-phase CUDA events
-//!   (`MoeLayer::set_phase_timing`), the median per phase reported. With the pipelined
+//!   (`MoeLayer::set_phase_timing`), the same steps (with `zero_grad` in forward +
+//!   backward), the median per phase reported. With the pipelined
 //!   strategy the per-chunk intervals of a phase are summed on the stream they run on, so
 //!   overlapping phases add up to more than the layer time.
 //!
@@ -568,8 +572,12 @@ fn time_case(
     let gpu = layer.gpu().clone();
     let mut y = DeviceTensor::alloc(&gpu, layer.dtype(), &[tokens, shape.cfg.hidden()])?;
     let mut dx = DeviceTensor::alloc(&gpu, layer.dtype(), &[tokens, shape.cfg.hidden()])?;
+    // One step: a training step's zero_grad (O(1)), forward, backward.
     let mut step = |layer: &mut MoeLayer<&Communicator>, i: usize| -> Result<()> {
         let k = i % xs.len();
+        if backward {
+            layer.zero_grad()?;
+        }
         layer.forward_into(&xs[k], &mut y)?;
         if backward {
             layer.backward_into(&dys[k], &mut dx)?;

@@ -14,6 +14,7 @@ use comet_kernels::{DeviceTensor, router};
 use crate::error::{Error, Result};
 use crate::forward::Pass;
 use crate::gemm;
+use crate::grads::{DW0, DW1, DWR, Writes};
 use crate::layer::MoeLayer;
 use crate::options::GemmEngine;
 use crate::plan::{ChunkExchange, Reject};
@@ -33,9 +34,13 @@ impl<C: Borrow<Communicator>> MoeLayer<C> {
 
     /// `dx [M, H]` (expert path plus router path) for `dy [M, H]`, and the gradients of the
     /// loss `Σ y ⊙ dy` added to the accumulated `dW0`, `dW1` and this rank's router-weight
-    /// gradient (see [`MoeLayer::grads_to_host`], [`MoeLayer::zero_grad`]). A collective:
-    /// every rank calls it after its forward. The ranks first exchange whether their inputs
-    /// are valid, so a rejected input fails the call on every rank.
+    /// gradient (see [`MoeLayer::grads_to_host`], [`MoeLayer::zero_grad`]). After
+    /// `zero_grad` (or on a new layer) the gradients are not read: each one's first
+    /// weight-gradient GEMM in this backward overwrites it, the later ones (the pipelined
+    /// strategy's chunks) add to it. A collective: every rank calls it after its forward.
+    /// The ranks first exchange whether their inputs are valid, so a rejected input fails
+    /// the call on every rank. On an error the gradients are unspecified, except after
+    /// `zero_grad`: then they stay zero (the next backward overwrites them again).
     ///
     /// # Errors
     /// [`Error::NoForwardState`] without a preceding forward of a training layer;
@@ -63,13 +68,16 @@ impl<C: Borrow<Communicator>> MoeLayer<C> {
                 why: "this layer was built with training = false",
             })?
             .rows(0, self.lay.max_tokens)?;
+        // Which gradients this backward has written: a logically zero one is overwritten by
+        // its first write. Committed only once the whole backward has succeeded.
+        let mut writes = self.grads_zero.begin();
         self.fork()?;
         let n = plan.chunks.len();
         self.dispatch(Pass::Backward, 0, &plan.chunks[0], dy, Some(&dweights_all))?;
         for i in 0..n {
             let (side, gpu) = (self.side.clone(), self.gpu.clone());
             self.wait_dispatch(i)?;
-            self.experts_backward(i, &plan.chunks[i])?;
+            self.experts_backward(i, &plan.chunks[i], &mut writes)?;
             if i + 1 < n {
                 self.dispatch(
                     Pass::Backward,
@@ -83,7 +91,8 @@ impl<C: Borrow<Communicator>> MoeLayer<C> {
             self.combine(Pass::Backward, i, &plan.chunks[i], dx)?;
         }
         self.join()?;
-        self.router_backward(plan.tokens[self.lay.rank], dx)?;
+        self.router_backward(plan.tokens[self.lay.rank], dx, &mut writes)?;
+        self.grads_zero.commit(&writes);
         Ok(())
     }
 
@@ -141,8 +150,15 @@ impl<C: Borrow<Communicator>> MoeLayer<C> {
         Ok(())
     }
 
-    /// Chunk `i`'s expert backward on the compute stream.
-    fn experts_backward(&mut self, i: usize, ch: &ChunkExchange) -> Result<()> {
+    /// Chunk `i`'s expert backward on the compute stream. The weight gradients overwrite
+    /// or accumulate as `writes` says (chunks that received no rows write nothing, so the
+    /// overwrite falls to the first chunk with rows).
+    fn experts_backward(
+        &mut self,
+        i: usize,
+        ch: &ChunkExchange,
+        writes: &mut Writes,
+    ) -> Result<()> {
         let _s = tracing::debug_span!("bwd_experts", chunk = i).entered();
         let gpu = self.gpu.clone();
         let t = self.timer.start(&gpu)?;
@@ -165,9 +181,11 @@ impl<C: Borrow<Communicator>> MoeLayer<C> {
             let [_, dw0, dw1] = grads;
             let hop1 = gemm::dgrad(&gpu, engine, &d_out, &self.w1, offsets, &mut da, sms)?;
             let (o, e) = (Some(offsets), engine);
-            let w1 = gemm::wgrad_accumulate(&gpu, e, stores, &d_out, &a, o, dw1, sms)?;
+            let acc1 = writes.accumulate(DW1);
+            let w1 = gemm::wgrad(&gpu, e, stores, &d_out, &a, o, dw1, acc1, sms)?;
             gemm::activation_backward(&gpu, act, &h, &da, &mut dh)?;
-            let w0 = gemm::wgrad_accumulate(&gpu, e, stores, &dh, &recv, o, dw0, sms)?;
+            let acc0 = writes.accumulate(DW0);
+            let w0 = gemm::wgrad(&gpu, e, stores, &dh, &recv, o, dw0, acc0, sms)?;
             let mut dx_rows = b.o.rows(0, rt)?;
             let hop0 = gemm::dgrad(&gpu, engine, &dh, &self.w0, offsets, &mut dx_rows, sms)?;
             self.hopper_used |= hop0 || hop1 || w0 || w1;
@@ -178,8 +196,14 @@ impl<C: Borrow<Communicator>> MoeLayer<C> {
     }
 
     /// `dlogits` from the routing-weight gradient (through renormalisation and softmax),
-    /// then `dx += dlogits · wr` and `dWr += dlogitsᵀ · x` (this rank's part).
-    fn router_backward(&mut self, m: usize, dx: &mut DeviceTensor) -> Result<()> {
+    /// then `dx += dlogits · wr` and `dWr += dlogitsᵀ · x` (this rank's part; `dWr = …` when
+    /// `writes` says it overwrites).
+    fn router_backward(
+        &mut self,
+        m: usize,
+        dx: &mut DeviceTensor,
+        writes: &mut Writes,
+    ) -> Result<()> {
         let _s = tracing::debug_span!("bwd_router").entered();
         let gpu = self.gpu.clone();
         let t = self.timer.start(&gpu)?;
@@ -213,7 +237,9 @@ impl<C: Borrow<Communicator>> MoeLayer<C> {
         // One group: the mma.sync engine whatever the options (the Hopper engine needs
         // device offsets).
         let (e, st) = (GemmEngine::MmaSync, gemm::Stores::Portable);
-        gemm::wgrad_accumulate(&gpu, e, st, &dlogits_elem, &x, None, &mut grads[0], None)?;
+        let acc = writes.accumulate(DWR);
+        let dwr = &mut grads[DWR];
+        gemm::wgrad(&gpu, e, st, &dlogits_elem, &x, None, dwr, acc, None)?;
         self.timer.stop("bwd_router", &gpu, t)?;
         Ok(())
     }

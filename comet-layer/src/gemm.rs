@@ -3,9 +3,10 @@
 //! (`comet_kernels::gemm` with `Engine::Portable`: this module makes the choice itself, so
 //! that [`GemmEngine::MmaSync`] really runs `mma.sync`). With
 //! `LayerOptions::sm90_training_stores` (the default) the expert weight gradients run on the
-//! Hopper engine's f32 accumulate store and a training forward's GEMM0 on its fused
+//! Hopper engine's f32 store (accumulating, or overwriting for a backward's first write of
+//! a lazily zeroed gradient) and a training forward's GEMM0 on its fused
 //! pre-activation store wherever the Hopper engine takes the problem; with the option off
-//! the weight gradients run on the `mma.sync` engine (which accumulates into fp32) and the
+//! the weight gradients run on the `mma.sync` engine (fp32 output, likewise) and the
 //! Hopper engine's GEMM0 stores the pre-activation before a separate activation kernel:
 //! [`Stores`].
 //!
@@ -80,7 +81,7 @@ pub(crate) enum Stores {
     /// Weight gradients on `mma.sync`; GEMM0 with the pre-activation on the Hopper engine as
     /// a GEMM storing `h` plus a separate activation kernel (the option off).
     Portable,
-    /// Weight gradients on the Hopper engine's f32 accumulate store and GEMM0 with its fused
+    /// Weight gradients on the Hopper engine's f32 store (accumulating or overwriting) and GEMM0 with its fused
     /// pre-activation store, wherever the Hopper engine takes the problem (the default).
     #[default]
     Sm90,
@@ -219,13 +220,15 @@ pub(crate) fn dgrad(
     Ok(false)
 }
 
-/// `dw[g] += a[rows of g]ᵀ · b[rows of g]` into an fp32 `dw [G, N, K]` (experts without rows
-/// leave their gradient unchanged). `offsets = None`: one group, always on the `mma.sync`
-/// engine (the Hopper engine needs device offsets). With [`Stores::Sm90`] and grouped rows,
-/// the Hopper engine's f32 accumulate store runs it where `choice` gives it the problem (see
-/// [`forward`]); otherwise the `mma.sync` engine. Returns whether the Hopper engine ran it.
+/// `dw[g] += a[rows of g]ᵀ · b[rows of g]` into an fp32 `dw [G, N, K]`, or with
+/// `accumulate = false` `dw[g] = …` (every element of `dw` written: experts without rows get
+/// zeros on both engines, see `grads.rs`; with `accumulate` they keep their gradient).
+/// `offsets = None`: one group, always on the `mma.sync` engine (the Hopper engine needs
+/// device offsets). With [`Stores::Sm90`] and grouped rows, the Hopper engine's f32 store
+/// (accumulating or not) runs it where `choice` gives it the problem (see [`forward`]);
+/// otherwise the `mma.sync` engine. Returns whether the Hopper engine ran it.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn wgrad_accumulate(
+pub(crate) fn wgrad(
     gpu: &Gpu,
     choice: GemmEngine,
     stores: Stores,
@@ -233,19 +236,23 @@ pub(crate) fn wgrad_accumulate(
     b: &DeviceTensor,
     offsets: Option<&DeviceTensor>,
     dw: &mut DeviceTensor,
+    accumulate: bool,
     sms: Option<usize>,
 ) -> Result<bool> {
     let c_cols = cols(dw);
     if let (Stores::Sm90, Some(offsets)) = (stores, offsets) {
-        let g = cap_sm90(Sm90Gemm::wgrad(a, b, offsets, dw).accumulate(true), sms);
+        let g = cap_sm90(
+            Sm90Gemm::wgrad(a, b, offsets, dw).accumulate(accumulate),
+            sms,
+        );
         if hopper(gpu, choice, &g)? {
-            let _s = tracing::trace_span!("wgrad_accumulate_sm90").entered();
+            let _s = tracing::trace_span!("wgrad_sm90", accumulate).entered();
             sm90::grouped_gemm(gpu, g)?;
             return Ok(true);
         }
     }
     let args = GemmArgs::wgrad(a, b, offsets, dw)
-        .accumulate(true)
+        .accumulate(accumulate)
         .engine(Engine::Portable);
     gemm::grouped_gemm(
         gpu,
@@ -449,8 +456,14 @@ mod tests {
     }
 
     /// The Hopper engine's description of a grouped GEMM as the layer issues it (weight
-    /// gradients: f32 accumulate; GEMM0 with `h`: the fused pre-activation store).
+    /// gradients: f32, accumulating; GEMM0 with `h`: the fused pre-activation store).
     fn sm90_desc(g: &G, l: usize) -> Sm90Desc {
+        sm90_desc_acc(g, l, g.kind == GemmKind::Wgrad)
+    }
+
+    /// [`sm90_desc`] with the weight gradient's accumulate flag given (`false`: the first
+    /// write of a lazily zeroed gradient).
+    fn sm90_desc_acc(g: &G, l: usize, accumulate: bool) -> Sm90Desc {
         let rows = g.a[0];
         Sm90Desc {
             kind: g.kind,
@@ -458,7 +471,7 @@ mod tests {
             b: Meta::new(DType::BF16, &g.b),
             offsets: Meta::new(DType::I32, &[l + 1]),
             c: Meta::new(if g.c_f32 { DType::F32 } else { DType::BF16 }, &g.c),
-            accumulate: g.kind == GemmKind::Wgrad,
+            accumulate,
             aux: g.aux.as_ref().map(|s| Meta::new(DType::BF16, s)),
             epilogue: g.epi,
             row_scale: None,
@@ -525,7 +538,8 @@ mod tests {
     }
 
     /// With `sm90_training_stores`, the Hopper engine takes every grouped weight gradient
-    /// (f32 accumulate) and the training GEMM0 with its pre-activation output of the presets
+    /// (f32, accumulating and overwriting: the first write of a lazily zeroed gradient) and
+    /// the training GEMM0 with its pre-activation output of the presets
     /// (full size and the GPU tests' shrunk ones) and the GPU tests' shapes, at several row
     /// counts: the `sm90_stores` GPU tests run the Hopper stores, not a fallback.
     #[test]
@@ -538,31 +552,33 @@ mod tests {
                     if !g.grouped || (g.kind != GemmKind::Wgrad && g.aux.is_none()) {
                         continue;
                     }
-                    let d = sm90_desc(&g, l);
-                    let p = sm90::plan(&d, OPTIN as usize)
-                        .unwrap_or_else(|e| panic!("{name}, rows {rows}: {}: {e}", g.name));
-                    assert_eq!(
-                        (p.store.f32_out, p.store.accumulate, p.store.aux),
-                        (
-                            g.kind == GemmKind::Wgrad,
-                            g.kind == GemmKind::Wgrad,
-                            g.aux.is_some()
-                        ),
-                        "{name}: {}",
-                        g.name
-                    );
-                    // The SM cap of a pipelined layer (a single CTA at the extreme).
-                    for cap in [d.config.cluster, 116] {
-                        let mut capped = d.clone();
-                        capped.max_ctas = Some(cap);
-                        sm90::plan(&capped, OPTIN as usize)
-                            .unwrap_or_else(|e| panic!("{name}: {} cap {cap}: {e}", g.name));
+                    let wgrad = g.kind == GemmKind::Wgrad;
+                    let accs: &[bool] = if wgrad { &[true, false] } else { &[false] };
+                    for &acc in accs {
+                        let d = sm90_desc_acc(&g, l, acc);
+                        let p = sm90::plan(&d, OPTIN as usize).unwrap_or_else(|e| {
+                            panic!("{name}, rows {rows}: {} acc {acc}: {e}", g.name)
+                        });
+                        assert_eq!(
+                            (p.store.f32_out, p.store.accumulate, p.store.aux),
+                            (wgrad, acc, g.aux.is_some()),
+                            "{name}: {}",
+                            g.name
+                        );
+                        // The SM cap of a pipelined layer (a single CTA at the extreme).
+                        for cap in [d.config.cluster, 116] {
+                            let mut capped = d.clone();
+                            capped.max_ctas = Some(cap);
+                            sm90::plan(&capped, OPTIN as usize).unwrap_or_else(|e| {
+                                panic!("{name}: {} acc {acc} cap {cap}: {e}", g.name)
+                            });
+                        }
+                        taken += 1;
                     }
-                    taken += 1;
                 }
             }
         }
-        assert!(taken >= 3 * 3 * 20, "{taken}");
+        assert!(taken >= 3 * 3 * 20 * 5 / 3, "{taken}");
     }
 
     /// The specialisations the layer compiles on an H200 (the full presets on 2 GPUs, both
@@ -588,12 +604,19 @@ mod tests {
                         .unwrap_or_else(|e| panic!("{key}: {e}"));
                 }
                 if g.grouped {
-                    let plan = sm90::plan(&sm90_desc(&g, l), OPTIN as usize).unwrap();
-                    let key = format!("sm90 {:?}", plan.defines);
-                    if seen.insert(key.clone()) {
-                        cache
-                            .cubin(&sm90::program(), &plan.defines, Arch::SM90)
-                            .unwrap_or_else(|e| panic!("{key}: {e}"));
+                    // Weight gradients: accumulating, and overwriting (lazy zero_grad).
+                    let accs: &[bool] = match g.kind {
+                        GemmKind::Wgrad => &[true, false],
+                        _ => &[false],
+                    };
+                    for &acc in accs {
+                        let plan = sm90::plan(&sm90_desc_acc(&g, l, acc), OPTIN as usize).unwrap();
+                        let key = format!("sm90 {:?}", plan.defines);
+                        if seen.insert(key.clone()) {
+                            cache
+                                .cubin(&sm90::program(), &plan.defines, Arch::SM90)
+                                .unwrap_or_else(|e| panic!("{key}: {e}"));
+                        }
                     }
                 }
             }
@@ -638,8 +661,12 @@ mod tests {
                         gemm::plan(&mma_desc(&g, l)).unwrap().defines,
                     );
                     if g.grouped {
-                        if let Ok(p) = sm90::plan(&sm90_desc(&g, l), OPTIN as usize) {
-                            add(sm90::program(), p.defines);
+                        // Weight gradients: accumulating, and overwriting (lazy zero_grad).
+                        for acc in [true, false] {
+                            let d = sm90_desc_acc(&g, l, acc && g.kind == GemmKind::Wgrad);
+                            if let Ok(p) = sm90::plan(&d, OPTIN as usize) {
+                                add(sm90::program(), p.defines);
+                            }
                         }
                     }
                 }

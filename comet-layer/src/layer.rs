@@ -15,6 +15,7 @@ use comet_kernels::{DeviceTensor, Gpu, init, router};
 
 use crate::buffers::{ChunkBuffers, TokenBuffers, workspace_bytes};
 use crate::error::{Error, Result};
+use crate::grads::{DW0, DW1, DWR, GradsZero};
 use crate::options::{GemmEngine, LayerOptions, Strategy};
 use crate::plan::{CallPlan, Layout};
 use crate::timing::PhaseTimer;
@@ -77,8 +78,17 @@ pub struct MoeLayer<C: Borrow<Communicator> = Communicator> {
     pub(crate) wr: DeviceTensor,
     pub(crate) w0: DeviceTensor,
     pub(crate) w1: DeviceTensor,
-    /// f32 gradients (training): `[1, E, H]`, `[L, n0, H]`, `[L, H, F]`.
+    /// f32 gradients (training): `[1, E, H]`, `[L, n0, H]`, `[L, H, F]` (indices
+    /// `grads::{DWR, DW0, DW1}`). Zeroed lazily: see `grads_zero`.
     pub(crate) grads: Option<[DeviceTensor; 3]>,
+    /// Which gradients are logically zero (set at construction and by
+    /// [`MoeLayer::zero_grad`], no memset). Invariant: a logically zero gradient's buffer
+    /// is stale and nothing reads it until a backward's first write overwrites all of it
+    /// (accumulate off; later writes of that backward accumulate, and only a backward that
+    /// returns `Ok` clears the flag of what it wrote) or a reader materialises it with a
+    /// memset ([`MoeLayer::grads_to_host`], [`MoeLayer::all_reduce_router_grad`]). See
+    /// `grads.rs`.
+    pub(crate) grads_zero: GradsZero,
     pub(crate) tok: TokenBuffers,
     pub(crate) chunks: Vec<ChunkBuffers>,
     /// The last forward's exchange (what its backward replays).
@@ -255,12 +265,9 @@ impl<C: Borrow<Communicator>> MoeLayer<C> {
             }
             Weights::Random { seed } => random_weights(&gpu, &cfg, elem, &lay, seed)?,
         };
+        // Logically zero (`grads_zero`): no memset, the first backward overwrites them.
         let grads = if opts.training {
-            let z = |shape: &[usize]| -> Result<DeviceTensor> {
-                let mut t = DeviceTensor::alloc_raw(&gpu, DType::F32, shape)?;
-                t.fill_bytes(&gpu, 0)?;
-                Ok(t)
-            };
+            let z = |shape: &[usize]| DeviceTensor::alloc_raw(&gpu, DType::F32, shape);
             Some([z(&[1, e, h])?, z(&[l, n0, h])?, z(&[l, h, f])?])
         } else {
             None
@@ -294,6 +301,7 @@ impl<C: Borrow<Communicator>> MoeLayer<C> {
             w0,
             w1,
             grads,
+            grads_zero: GradsZero::default(),
             tok,
             chunks,
             state: None,
@@ -413,9 +421,19 @@ impl<C: Borrow<Communicator>> MoeLayer<C> {
     }
 
     /// Fills every call buffer with NaN (floats) / -1 (integers), so that a test shows that
-    /// everything a call reads it wrote first.
+    /// everything a call reads it wrote first; and the gradients that are logically zero
+    /// ([`MoeLayer::zero_grad`] with no backward since, or a new layer), whose buffers no
+    /// call may read: the next backward overwrites them, a reader zeroes them. Gradients a
+    /// backward has written since are left as they are.
     pub fn poison_workspace(&mut self) -> Result<()> {
         let gpu = self.gpu.clone();
+        if let Some(g) = self.grads.as_mut() {
+            for (i, t) in g.iter_mut().enumerate() {
+                if self.grads_zero.is_zero(i) {
+                    t.poison(&gpu)?;
+                }
+            }
+        }
         for t in self.tok.all_mut() {
             t.poison(&gpu)?;
         }
@@ -463,22 +481,43 @@ impl<C: Borrow<Communicator>> MoeLayer<C> {
         })
     }
 
-    /// Sets the accumulated gradients to zero.
+    /// Sets the accumulated gradients to zero, lazily: O(1), nothing is enqueued. The
+    /// gradients are marked logically zero; the next backward overwrites each of them with
+    /// its first write instead of adding to it (no memset, and no read of the old values),
+    /// and a reader ([`MoeLayer::grads_to_host`], [`MoeLayer::all_reduce_router_grad`])
+    /// zeroes a gradient no backward has written since. A backward that fails leaves them
+    /// logically zero. New layers start with zero gradients too.
+    ///
+    /// # Errors
+    /// [`Error::NoForwardState`] for a layer built with `training = false`.
     pub fn zero_grad(&mut self) -> Result<()> {
+        self.grads()?;
+        self.grads_zero.set_all();
+        Ok(())
+    }
+
+    /// Zeroes (memset on the compute stream) those of the gradients `which` that are
+    /// logically zero, so that their buffers hold the gradients; see `grads_zero`.
+    fn materialise_grads(&mut self, which: &[usize]) -> Result<()> {
         let gpu = self.gpu.clone();
         let g = self.grads.as_mut().ok_or(Error::NoForwardState {
             why: "this layer was built with training = false (no gradients)",
         })?;
-        for t in g.iter_mut() {
-            t.fill_bytes(&gpu, 0)?;
+        for &i in which {
+            if self.grads_zero.is_zero(i) {
+                g[i].fill_bytes(&gpu, 0)?;
+                self.grads_zero.materialised(i);
+            }
         }
         Ok(())
     }
 
     /// Sums the router-weight gradient over all ranks (NCCL all-reduce, in place): the
     /// router weight is replicated, so its global gradient is the sum of the ranks'.
-    /// A collective: every rank calls it.
+    /// A collective: every rank calls it. A logically zero router gradient
+    /// ([`MoeLayer::zero_grad`] with no backward since) is zeroed on the device first.
     pub fn all_reduce_router_grad(&mut self) -> Result<()> {
+        self.materialise_grads(&[DWR])?;
         let g = self.grads()?;
         let dwr = &g[0];
         // SAFETY: `dwr` holds E·H f32 on this rank's device and lives in `self` (the call
@@ -498,8 +537,10 @@ impl<C: Borrow<Communicator>> MoeLayer<C> {
 
     /// The accumulated gradients on the host as f32: `(dwr [E·H], dw0 [L·n0·H],
     /// dw1 [L·H·F])` (this rank's router gradient unless [`MoeLayer::all_reduce_router_grad`]
-    /// summed it).
-    pub fn grads_to_host(&self) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+    /// summed it). Gradients that are logically zero ([`MoeLayer::zero_grad`] with no
+    /// backward since) are zeroed on the device first, hence `&mut self`.
+    pub fn grads_to_host(&mut self) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+        self.materialise_grads(&[DWR, DW0, DW1])?;
         let g = self.grads()?;
         self.synchronize()?;
         Ok((

@@ -173,8 +173,9 @@ pub struct LayerOptions {
     pub gemm_sm_reserve: usize,
     /// The Hopper engine's training stores, on by default. When the Hopper engine takes a
     /// layer's GEMMs (the same rule as [`LayerOptions::engine`]: `auto` on sm_90 where the
-    /// problem fits, or `sm90`), the expert weight gradients run on its f32 accumulate store
-    /// (`dW[g] += aᵀ·b`) and a training forward's GEMM0 stores the pre-activation and the
+    /// problem fits, or `sm90`), the expert weight gradients run on its f32 store
+    /// (`dW[g] += aᵀ·b`, or `dW[g] = aᵀ·b` for a backward's first write after
+    /// [`crate::MoeLayer::zero_grad`]) and a training forward's GEMM0 stores the pre-activation and the
     /// activation in one kernel. On 2×H200 the Hopper engine's accumulating weight gradient
     /// beats the `mma.sync` one on every preset (e.g. Mixtral 503 vs 288 TFLOP/s; gemm_bench
     /// 2026-11-29 session 2 call A, `bench/results/`). `false` (`COMET_SM90_STORES=0` or

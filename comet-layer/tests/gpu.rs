@@ -354,8 +354,9 @@ fn sm90_stores_presets_2gpu(comm: &Communicator) -> Result<(), String> {
     )
 }
 
-/// Stores on, 2 GPUs: empty experts (odd experts get no rows: their dW must stay as the
-/// accumulate store found it), one rank receiving nothing, GeLU, top-8; auto and the explicit
+/// Stores on, 2 GPUs: empty experts (odd experts get no rows: the first backward after
+/// `zero_grad` must store zeros for them over the poisoned buffers, and an accumulating
+/// store must leave them as it found them), one rank receiving nothing, GeLU, top-8; auto and the explicit
 /// `sm90` engine (which errors instead of falling back), Sequential and Pipelined.
 fn sm90_stores_edges_2gpu(comm: &Communicator) -> Result<(), String> {
     let mix = shrunk(Preset::Mixtral8x7B, 16);
@@ -417,6 +418,273 @@ fn sm90_stores_accumulate_and_reserve(comm: &Communicator) -> Result<(), String>
         );
     }
     Ok(())
+}
+
+/// The first `world` token counts of `a`.
+fn tokens_for(comm: &Communicator, a: &[usize]) -> Vec<usize> {
+    a[..comm.world_size()].to_vec()
+}
+
+/// Lazy `zero_grad`: the first backward after it overwrites the gradients instead of adding
+/// to them. `check_rank` zeroes them and poisons them (NaN) while they are logically zero,
+/// so a backward that read them (accumulated) or left any element unwritten (an expert
+/// without rows on either engine) fails the NaN check. Both weight-gradient paths (the
+/// Hopper engine's f32 store with the stores on, `mma.sync` with them off or with the
+/// `mma` engine), random routing and empty experts, and on 2 GPUs a rank that receives
+/// nothing (its dW0 and dW1 are never written and must read back as zeros); Sequential
+/// and Pipelined with 2 and 3 chunks (chunk 0 overwrites, the later chunks accumulate).
+fn lazy_zero_overwrite(comm: &Communicator) -> Result<(), String> {
+    let mix = shrunk(Preset::Mixtral8x7B, 16);
+    let t = tokens_for(comm, &[64, 51]);
+    let mut cases = vec![
+        Case::new("lazy-zero-random", mix, &t, Route::Random, 8001),
+        Case::new("lazy-zero-even-experts", mix, &t, Route::EvenExperts, 8002),
+    ];
+    if comm.world_size() == 2 {
+        cases.push(Case::new(
+            "lazy-zero-one-rank",
+            mix,
+            &t,
+            Route::OneRank,
+            8003,
+        ));
+    }
+    for stores in [true, false] {
+        run_cases_with(
+            comm,
+            &cases,
+            &[SEQ, PIPE2, PIPE3],
+            &[GemmEngine::Auto, GemmEngine::MmaSync],
+            |o| o.sm90_training_stores(stores),
+        )?;
+    }
+    Ok(())
+}
+
+/// Lazy `zero_grad`: without it, backward calls still accumulate (two passes: twice the
+/// reference), and a `zero_grad` after accumulated gradients makes the next backward
+/// overwrite them (once the reference); both weight-gradient paths, Sequential and
+/// Pipelined.
+fn lazy_zero_accumulate(comm: &Communicator) -> Result<(), String> {
+    let cfg = shrunk(Preset::Qwen2Moe2_7B, 16);
+    let c = Case::new(
+        "lazy-zero-accumulate",
+        cfg,
+        &tokens_for(comm, &[80, 61]),
+        Route::Random,
+        8101,
+    );
+    let r = reference(&c);
+    for stores in [true, false] {
+        for s in [SEQ, PIPE3] {
+            let opts = LayerOptions::new(s, 80).sm90_training_stores(stores);
+            let mut layer = build_opts(comm, &c, &r, opts)?;
+            let what = format!("{s}, sm90 stores {stores}");
+            let two = check_rank(&mut layer, &c, &r, 2).map_err(|e| format!("{what} x2: {e}"))?;
+            let one = check_rank(&mut layer, &c, &r, 1)
+                .map_err(|e| format!("{what}, zero_grad after x2, then x1: {e}"))?;
+            println!(
+                "case lazy-zero accumulate / {what} rank {}: x2 {two}; zero_grad + x1 {one}",
+                comm.rank()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Gradients read back as exact zeros on the host, with no backward: on a new layer, and
+/// after `zero_grad` following a backward (the buffers poisoned with NaN in between, the
+/// router gradient all-reduced first), on both stores settings; an inference layer has no
+/// gradients to zero.
+fn lazy_zero_reads(comm: &Communicator) -> Result<(), String> {
+    let cfg = shrunk(Preset::Mixtral8x7B, 16);
+    let t = tokens_for(comm, &[40, 33]);
+    let c = Case::new("lazy-zero-reads", cfg, &t, Route::Random, 8201);
+    let r = reference(&c);
+    let me = comm.rank();
+    let err = |e: Error| e.to_string();
+    let zeros = |what: &str, g: (Vec<f32>, Vec<f32>, Vec<f32>)| -> Result<(), String> {
+        for (name, v) in [("dWr", g.0), ("dW0", g.1), ("dW1", g.2)] {
+            let nonzero = v.iter().filter(|x| x.to_bits() != 0).count();
+            if v.is_empty() || nonzero > 0 {
+                return Err(format!(
+                    "{what}: {name} has {nonzero} of {} values not +0.0",
+                    v.len()
+                ));
+            }
+        }
+        Ok(())
+    };
+    for stores in [true, false] {
+        let opts = LayerOptions::new(SEQ, 40).sm90_training_stores(stores);
+        let mut layer = build_opts(comm, &c, &r, opts)?;
+        layer.poison_workspace().map_err(err)?;
+        zeros("a new layer", layer.grads_to_host().map_err(err)?)?;
+        // A backward, whose gradients are the reference's (not zero).
+        let x = upload(&layer, &r.xs[me]);
+        let dy = upload(&layer, &r.dys[me]);
+        let m = t[me];
+        let (mut y, mut dx) = (poisoned(&layer, m), poisoned(&layer, m));
+        layer.zero_grad().map_err(err)?;
+        layer.forward_into(&x, &mut y).map_err(err)?;
+        layer.backward_into(&dy, &mut dx).map_err(err)?;
+        let line = check_grads(&mut layer, &r, 1).map_err(|e| format!("stores {stores}: {e}"))?;
+        // zero_grad, the stale buffers poisoned: zeros without a backward, the all-reduced
+        // router gradient too; twice.
+        for k in 0..2 {
+            layer.zero_grad().map_err(err)?;
+            layer.poison_workspace().map_err(err)?;
+            if k == 0 {
+                layer.all_reduce_router_grad().map_err(err)?;
+            }
+            let what = format!("stores {stores}: zero_grad #{k} after a backward");
+            zeros(&what, layer.grads_to_host().map_err(err)?)?;
+        }
+        println!("case lazy-zero reads / stores {stores} rank {me}: backward {line}; zeros ok");
+    }
+    let inference = LayerOptions::new(SEQ, 40).training(false);
+    let mut layer = build_opts(comm, &c, &r, inference)?;
+    match (layer.zero_grad(), layer.grads_to_host()) {
+        (Err(Error::NoForwardState { .. }), Err(Error::NoForwardState { .. })) => Ok(()),
+        other => Err(format!(
+            "zero_grad / grads_to_host of an inference layer: {other:?}"
+        )),
+    }
+}
+
+/// A backward that fails (bad `dy` on the last rank, so every rank fails) after
+/// `zero_grad` leaves the gradients zero: the next good backward gives the gradients of one
+/// backward, not the stale ones (a backward ran before, and the buffers are poisoned after
+/// `zero_grad`) plus it; without `zero_grad`, a failed backward leaves the accumulated
+/// gradients alone (the next good one makes them twice the reference). Empty experts,
+/// Sequential and Pipelined, both stores settings.
+fn lazy_zero_failed_backward(comm: &Communicator) -> Result<(), String> {
+    let cfg = shrunk(Preset::Mixtral8x7B, 16);
+    let t = tokens_for(comm, &[48, 37]);
+    let c = Case::new("lazy-zero-failed", cfg, &t, Route::EvenExperts, 8301);
+    let r = reference(&c);
+    let (me, last) = (comm.rank(), comm.world_size() - 1);
+    let m = t[me];
+    let err = |e: Error| e.to_string();
+    let l = cfg.experts() / comm.world_size();
+    let e0 = me * l;
+    let want = |a: &ndarray::Array3<f32>| -> Vec<f32> {
+        a.slice(ndarray::s![e0..e0 + l, .., ..])
+            .iter()
+            .copied()
+            .collect()
+    };
+    let (want_dw0, want_dw1) = (want(&r.grads.dw0), want(&r.grads.dw1));
+    for stores in [true, false] {
+        for s in [SEQ, PIPE2] {
+            let what = format!("{s}, sm90 stores {stores}");
+            let opts = LayerOptions::new(s, 48).sm90_training_stores(stores);
+            let mut layer = build_opts(comm, &c, &r, opts)?;
+            let x = upload(&layer, &r.xs[me]);
+            let dy = upload(&layer, &r.dys[me]);
+            let short = upload(
+                &layer,
+                &ndarray::Array2::<f32>::zeros((m - 1, cfg.hidden())),
+            );
+            let (mut y, mut dx) = (poisoned(&layer, m), poisoned(&layer, m));
+            let bad_backward = |layer: &mut MoeLayer<&Communicator>| -> Result<(), String> {
+                let mut dx = poisoned(layer, m);
+                let got = if me == last {
+                    layer.backward_into(&short, &mut dx)
+                } else {
+                    layer.backward_into(&dy, &mut dx)
+                };
+                match got {
+                    Err(Error::Input { what: "dy", .. }) if me == last => Ok(()),
+                    Err(Error::PeerRejected { rank, .. }) if me != last && rank == last => Ok(()),
+                    other => Err(format!(
+                        "{what}: short dy on rank {last}: rank {me} got {other:?}"
+                    )),
+                }
+            };
+            // Stale gradients of an earlier step.
+            layer.forward_into(&x, &mut y).map_err(err)?;
+            layer.backward_into(&dy, &mut dx).map_err(err)?;
+            layer.zero_grad().map_err(err)?;
+            layer.poison_workspace().map_err(err)?;
+            layer.forward_into(&x, &mut y).map_err(err)?;
+            bad_backward(&mut layer)?;
+            let mut dx = poisoned(&layer, m);
+            layer.backward_into(&dy, &mut dx).map_err(err)?;
+            let dxv = comet_kernels::forward::download_f32(layer.gpu(), &dx)
+                .map_err(|e| e.to_string())?;
+            let rank_dx: Vec<f32> = r.grads.ranks[me].dx.iter().copied().collect();
+            let edx = close("dx", &dxv, &rank_dx, TOL).map_err(|e| format!("{what}: {e}"))?;
+            // This rank's expert gradients (the router's is all-reduced below).
+            let (_, dw0, dw1) = layer.grads_to_host().map_err(err)?;
+            let a = close("dW0 after a failed backward", &dw0, &want_dw0, TOL)
+                .map_err(|e| format!("{what}: {e}"))?;
+            let b = close("dW1 after a failed backward", &dw1, &want_dw1, TOL)
+                .map_err(|e| format!("{what}: {e}"))?;
+            // No zero_grad: a failed backward, then a good one accumulates.
+            bad_backward(&mut layer)?;
+            layer.backward_into(&dy, &mut dx).map_err(err)?;
+            let two = check_grads(&mut layer, &r, 2)
+                .map_err(|e| format!("{what}, accumulating past a failed backward: {e}"))?;
+            println!(
+                "case lazy-zero failed backward / {what} rank {me}: dx {edx:.1e} dW0 {a:.1e} \
+                 dW1 {b:.1e}; then x2 {two}"
+            );
+        }
+    }
+    Ok(())
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn w1_threads_lazy_zero_first_backward_overwrites() {
+    in_threads(1, lazy_zero_overwrite);
+}
+
+#[test]
+#[ignore = "needs 2 CUDA GPUs"]
+fn w2_threads_lazy_zero_first_backward_overwrites() {
+    in_threads(2, lazy_zero_overwrite);
+}
+
+#[test]
+#[ignore = "needs 2 CUDA GPUs"]
+fn w2_procs_lazy_zero_first_backward_overwrites() {
+    in_processes(
+        "w2_procs_lazy_zero_first_backward_overwrites",
+        2,
+        lazy_zero_overwrite,
+    );
+}
+
+#[test]
+#[ignore = "needs 2 CUDA GPUs"]
+fn w2_threads_lazy_zero_backward_twice_accumulates() {
+    in_threads(2, lazy_zero_accumulate);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn w1_threads_lazy_zero_grads_read_zero_without_backward() {
+    in_threads(1, lazy_zero_reads);
+}
+
+#[test]
+#[ignore = "needs 2 CUDA GPUs"]
+fn w2_threads_lazy_zero_grads_read_zero_without_backward() {
+    in_threads(2, lazy_zero_reads);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn w1_threads_lazy_zero_failed_backward_keeps_zero() {
+    in_threads(1, lazy_zero_failed_backward);
+}
+
+#[test]
+#[ignore = "needs 2 CUDA GPUs"]
+fn w2_threads_lazy_zero_failed_backward_keeps_zero() {
+    in_threads(2, lazy_zero_failed_backward);
 }
 
 #[test]

@@ -339,8 +339,11 @@ pub fn build_opts<'a>(
 }
 
 /// Forward and backward of one rank against the reference: routing ids exactly; y, dx,
-/// dW0, dW1 and the all-reduced router gradient within [`TOL`]; `times` passes (gradients
-/// accumulate: after n backward calls they are n times the reference).
+/// dW0, dW1 and the all-reduced router gradient within [`TOL`]; `times` passes after one
+/// `zero_grad` (gradients accumulate: after n backward calls they are n times the
+/// reference). The workspace is poisoned before each pass, and with it the gradients while
+/// they are logically zero (before the first pass), so the first backward must overwrite
+/// them (lazy `zero_grad`) and a rank whose experts receive no rows must read back zeros.
 pub fn check_rank<C: std::borrow::Borrow<Communicator>>(
     layer: &mut MoeLayer<C>,
     c: &Case,
@@ -348,7 +351,6 @@ pub fn check_rank<C: std::borrow::Borrow<Communicator>>(
     times: usize,
 ) -> Result<String, String> {
     let rank = layer.rank();
-    let l = layer.local_experts();
     let err = |e: comet_layer::Error| format!("{e}");
     let x = upload(layer, &r.xs[rank]);
     let dy = upload(layer, &r.dys[rank]);
@@ -384,6 +386,19 @@ pub fn check_rank<C: std::borrow::Borrow<Communicator>>(
             summary.push(format!("y {ey:.1e} dx {edx:.1e}"));
         }
     }
+    summary.push(check_grads(layer, r, times)?);
+    Ok(summary.join(", "))
+}
+
+/// The layer's gradients against `times` times the reference's (this rank's experts; the
+/// router gradient all-reduced first, a collective): dW0, dW1, dWr within [`TOL`], no NaN.
+pub fn check_grads<C: std::borrow::Borrow<Communicator>>(
+    layer: &mut MoeLayer<C>,
+    r: &Reference,
+    times: usize,
+) -> Result<String, String> {
+    let err = |e: comet_layer::Error| format!("{e}");
+    let (rank, l) = (layer.rank(), layer.local_experts());
     layer.all_reduce_router_grad().map_err(err)?;
     let (dwr, dw0, dw1) = layer.grads_to_host().map_err(err)?;
     let n = times as f32;
@@ -395,8 +410,7 @@ pub fn check_rank<C: std::borrow::Borrow<Communicator>>(
     let a = close("dW0", &dw0, &want_dw0, TOL)?;
     let b = close("dW1", &dw1, &want_dw1, TOL)?;
     let g = close("dWr (summed over ranks)", &dwr, &want_dwr, TOL)?;
-    summary.push(format!("dW0 {a:.1e} dW1 {b:.1e} dWr {g:.1e}"));
-    Ok(summary.join(", "))
+    Ok(format!("dW0 {a:.1e} dW1 {b:.1e} dWr {g:.1e}"))
 }
 
 /// Whether the layer's last call ran the Hopper engine's training stores exactly when it
