@@ -288,6 +288,12 @@ fn warm_cache() {
     let cache = KernelCache::new(comet_kernels::cache::default_cache_dir());
     let started = std::time::Instant::now();
     let all = sm90_variants();
+    // The 256-row tiles (`SM90_BM=256`) are among them, through `Sm90Config::ALL`.
+    let tall = all
+        .iter()
+        .filter(|(_, d, _)| d.get("SM90_BM").map(String::as_str) == Some("256"))
+        .count();
+    assert!(tall >= 40, "{tall} specialisations with 256-row tiles");
     for (p, d, tag) in &all {
         compile(&cache, p, d, Arch::SM90, tag);
     }

@@ -14,6 +14,9 @@
 //! keeps weight and activation tiles in L2, or in an order supplied as data; its producer
 //! can wait on a per-tile condition before loading (the fused kernels' hook). With 2-CTA
 //! clusters, pairs of m-tiles that share a weight tile load half of it each and multicast it.
+//! Tiles have 128 rows, or 256 ([`Sm90Config::bm`], cooperative 256x128 only: each consumer
+//! warpgroup then owns two m64 blocks, and an expert of up to 256 rows reads each weight
+//! tile once); [`Sm90Config::choose`] keeps 128-row tiles.
 //!
 //! Layouts are those of [`crate::gemm`]: forward `A[rows, K] · W_g[N, K]ᵀ`, dgrad
 //! `A[rows, N] · W_g[N, K]` (N-major B through wgmma's transpose bit) and wgrad

@@ -1123,11 +1123,22 @@ fn nvrtc_compiles_every_specialisation() {
     // (128 x 128 tiles need less), and 256-row ping-pong tiles are rejected by config.cuh.
     let mut d = Sm90Config::TALL_256.defines(GemmKind::Forward, Epilogue::None, false, false);
     assert_eq!(d.remove("SM90_BM").as_deref(), Some("256"));
-    assert!(cache.cubin(&program(), &d, Arch::SM90).is_err());
+    let e = cache
+        .cubin(&program(), &d, Arch::SM90)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("Rust smem formula out of sync"), "{e}");
     let pp = Sm90Config {
         bm: 256,
         ..Sm90Config::PINGPONG_128
     };
     let d = pp.defines(GemmKind::Forward, Epilogue::None, false, false);
-    assert!(cache.cubin(&program(), &d, Arch::SM90).is_err());
+    let e = cache
+        .cubin(&program(), &d, Arch::SM90)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("BM is 128, or 256 with the cooperative schedule"),
+        "{e}"
+    );
 }
