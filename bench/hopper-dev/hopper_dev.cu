@@ -327,6 +327,13 @@ GroupedGemmArgs prepare_variant(const Problem& p, const Buffers& b) {
     uint32_t bb[2] = {64, 64};
     g.b = make_map(b.B, 2, db, sb, bb, f16);
     g.m_out = M;
+    if (C::TSTORE) {
+      // out viewed as [E][M][ldo]: rows clip at M per expert, columns at Nn
+      uint64_t dc[3] = {(uint64_t)Nn, (uint64_t)M, (uint64_t)p.E};
+      uint64_t sc[2] = {(uint64_t)b.ldo * 2, (uint64_t)M * b.ldo * 2};
+      uint32_t bc[3] = {(uint32_t)C::TS_BOX_COLS, 64, 1};
+      g.c = make_map(b.out, 3, dc, sc, bc, f16);
+    }
   }
   g.out = b.out;
   g.expert_offsets = b.offsets;
@@ -417,6 +424,11 @@ static std::vector<Variant> all_variants() {
   T256(MODE_WGRAD, EPI_NONE, 1, 0, "t256x4");
   T256(MODE_WGRAD, EPI_NONE, 1, 1, "t256h");
 #undef T256
+  // weight gradients with the TMA-store epilogue
+  v.push_back(make_variant<Config<MODE_WGRAD, 256, false, 3, EPI_NONE, false, false, 16, 1, 0, false, false, false, 128, true>>("ts256x3"));
+  v.push_back(make_variant<Config<MODE_WGRAD, 256, false, 3, EPI_NONE, false, false, 16, 1, 1, false, false, false, 128, true>>("ts256h"));
+  v.push_back(make_variant<Config<MODE_WGRAD, 128, false, 4, EPI_NONE, false, false, 16, 1, 1, false, false, false, 128, true>>("ts128h"));
+  v.push_back(make_variant<Config<MODE_WGRAD, 256, false, 3, EPI_NONE, true, true, 16, 1, 0, false, false, false, 128, true>>("ts256x3"));
   // forward, plain
   v.push_back(make_variant<Config<MODE_FWD, 256, false, 4, EPI_NONE>>("coop256x4"));
   v.push_back(make_variant<Config<MODE_FWD, 128, true, 6, EPI_NONE>>("pp128x6"));

@@ -44,12 +44,19 @@ enum : int {
 ///  AUX:      also store the pre-activation (forward with SwiGLU or GeLU, 16-bit output) to
 ///            g.aux, g.ldaux elements per row: SwiGLU gate in columns [0, n_out), up in
 ///            [n_out, 2 n_out); GeLU the accumulator itself. Unscaled by row_scale.
+///  TSTORE:   weight gradients only (cooperative, 128x256 or 128x128 tiles, no cluster): the
+///            epilogue writes each warpgroup's 64 rows into a 128-byte-swizzled staging tile
+///            and one thread hands it to the TMA unit (g.c: a 3D map over [E][m_out][ldo]
+///            that clips rows at m_out and columns at n_out), with ACCUM as a reduce-add in
+///            L2; the consumers go on to the next tile's mainloop while the store drains.
+///            16-bit output: the whole 64-row slab at once; f32: two halves of the columns.
 ///  BM:       rows per tile: 128, or 256 (cooperative only, BN = 128): each consumer
 ///            warpgroup then owns 128 rows (two m64 blocks), so an expert of up to 256 rows
 ///            is one m-tile and each weight tile is read once for it.
 template <int MODE_, int BN_, bool PINGPONG_, int STAGES_, int EPI_, bool IN_F16_ = false,
           bool OUT_F16_ = false, int BAND_ = 16, int CLUSTER_ = 1, int L2HINT_ = 0,
-          bool OUT_F32_ = false, bool ACCUM_ = false, bool AUX_ = false, int BM_ = 128>
+          bool OUT_F32_ = false, bool ACCUM_ = false, bool AUX_ = false, int BM_ = 128,
+          bool TSTORE_ = false>
 struct Config {
   static constexpr int MODE = MODE_;
   static constexpr int BM = BM_;
@@ -66,6 +73,7 @@ struct Config {
   static constexpr bool OUT_F32 = OUT_F32_;
   static constexpr bool ACCUM = ACCUM_;
   static constexpr bool AUX = AUX_;
+  static constexpr bool TSTORE = TSTORE_;
   static constexpr bool KGROUPED = MODE == MODE_WGRAD;
   static constexpr bool A_MN = MODE == MODE_WGRAD;  // A stored M-major in shared memory
   static constexpr bool B_MN = MODE != MODE_FWD;    // B stored N-major in shared memory
@@ -84,7 +92,12 @@ struct Config {
   static constexpr int B_STAGE_BYTES = BN * BK * 2;
   static constexpr int STAGE_BYTES = A_STAGE_BYTES + B_STAGE_BYTES;
   static constexpr int EPI_PITCH = (64 + 8) * 2;  // bytes per staged row (padded: no bank conflicts)
-  static constexpr int EPI_WG_BYTES = 64 * EPI_PITCH;
+  /// TSTORE: 32 KiB of staging per warpgroup (64 rows x 512 bytes: the 16-bit slab, or half
+  /// of the f32 one), in boxes of 64 rows x 128 bytes (TS_BOX_COLS columns).
+  static constexpr int TS_WG_BYTES = 32768;
+  static constexpr int TS_BOX_COLS = OUT_F32 ? 32 : 64;
+  static constexpr int TS_PASSES = OUT_F32 ? 2 : 1;  ///< staging fills per tile (f32: halves)
+  static constexpr int EPI_WG_BYTES = TSTORE ? TS_WG_BYTES : 64 * EPI_PITCH;
 
   // Shared-memory layout, relative to a 1024-byte aligned base.
   static constexpr int OFF_A = 0;
@@ -109,6 +122,11 @@ struct Config {
   static_assert(!ACCUM || OUT_F32, "accumulation needs the f32 output");
   static_assert(!AUX || (MODE == MODE_FWD && EPI != EPI_NONE && !OUT_F32),
                 "pre-activation store: forward with an activation, 16-bit output");
+  static_assert(!TSTORE || (MODE == MODE_WGRAD && !PINGPONG && CLUSTER == 1 && BM == 128),
+                "TMA-store epilogue: weight gradients, cooperative, single CTA, BM = 128");
+  static_assert(!TSTORE || OUT_BN * (OUT_F32 ? 4 : 2) == TS_PASSES * 512 ||
+                    OUT_BN * (OUT_F32 ? 4 : 2) == TS_PASSES * 256,
+                "TMA-store staging holds a pass of 64 rows");
 };
 
 /// Kernel argument block (mirrored by the Rust launcher: keep the layout in sync).
@@ -124,6 +142,9 @@ struct Config {
 struct GroupedGemmArgs {
   TmaDesc a;
   TmaDesc b;
+  TmaDesc c;                   ///< Config::TSTORE: 3D map over out [E][m_out][ldo], dims
+                               ///< {n_out, m_out, E}, box {TS_BOX_COLS, 64, 1}, 128-byte
+                               ///< swizzle; else unused
   void* out;                   ///< output rows, ldo elements apart (16-byte aligned)
   const int* expert_offsets;   ///< [E + 1] row offsets (device), non-decreasing
   const float* row_scale;      ///< optional [rows] factor per output row (forward/dgrad)
@@ -143,8 +164,9 @@ struct GroupedGemmArgs {
 };
 // Layout the Rust mirror (comet-kernels/src/sm90/launch.rs) relies on.
 static_assert(sizeof(TmaDesc) == 128 && alignof(TmaDesc) == 128, "TmaDesc layout");
-static_assert(sizeof(GroupedGemmArgs) == 384, "GroupedGemmArgs layout");
-// (field offsets: out 256, expert_offsets 264, row_scale 272, tile_order 280, error_flag 288,
-//  num_experts 296, n_out 300, ldo 304, k 308, m_out 312, rows_cap 316, aux 320, ldaux 328)
+static_assert(sizeof(GroupedGemmArgs) == 512, "GroupedGemmArgs layout");
+// (field offsets: c 256, out 384, expert_offsets 392, row_scale 400, tile_order 408,
+//  error_flag 416, num_experts 424, n_out 428, ldo 432, k 436, m_out 440, rows_cap 444,
+//  aux 448, ldaux 456)
 
 }  // namespace comet_sm90

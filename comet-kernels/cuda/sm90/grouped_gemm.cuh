@@ -152,8 +152,18 @@ __device__ __forceinline__ void grouped_gemm(const GroupedGemmArgs& g, const Hoo
       const int rows_wg = t.rows - C::WG_ROWS * cw;
       consumer_mainloop<C>(acc, ring, pos, t, C::MW * cw, active_mblocks<C>(rows_wg), ctid, 3,
                            256);
-      epilogue_store<C>(acc, g, t, t.row_begin + C::WG_ROWS * cw, rows_wg, stage, wtid, 1 + cw);
+      if constexpr (C::TSTORE) {
+        epilogue_tma_store<C>(acc, g, t, cw, stage, wtid, 1 + cw);
+      } else {
+        epilogue_store<C>(acc, g, t, t.row_begin + C::WG_ROWS * cw, rows_wg, stage, wtid,
+                          1 + cw);
+      }
     }
+  }
+  if constexpr (C::TSTORE) {
+    // The staging tiles live in this CTA's shared memory: every store must be done with them
+    // (and written) before the CTA exits.
+    if (wtid == 0) bulk_wait_group<0>();
   }
 }
 

@@ -162,6 +162,38 @@ __device__ __forceinline__ void tma_load_4d(u32 dst, const TmaDesc* desc, u32 ba
       : "memory");
 }
 
+/// TMA stores (shared -> global, bulk-group completion): the box at `src` (laid out as the
+/// map's swizzle says) goes to the tensor at {c0, c1, c2}; parts outside the tensor are not
+/// written. `_add` adds it to the values there instead (done by the TMA unit in L2).
+__device__ __forceinline__ void tma_store_3d(const TmaDesc* desc, u32 src, int c0, int c1,
+                                             int c2) {
+  asm volatile("cp.async.bulk.tensor.3d.global.shared::cta.bulk_group [%0, {%2, %3, %4}], [%1];"
+               ::"l"(desc), "r"(src), "r"(c0), "r"(c1), "r"(c2)
+               : "memory");
+}
+__device__ __forceinline__ void tma_store_add_3d(const TmaDesc* desc, u32 src, int c0, int c1,
+                                                 int c2) {
+  asm volatile(
+      "cp.reduce.async.bulk.tensor.3d.global.shared::cta.add.tile.bulk_group"
+      " [%0, {%2, %3, %4}], [%1];" ::"l"(desc),
+      "r"(src), "r"(c0), "r"(c1), "r"(c2)
+      : "memory");
+}
+/// Closes the bulk group of the TMA stores issued so far by this thread.
+__device__ __forceinline__ void bulk_commit_group() {
+  asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+}
+/// Waits until at most N of this thread's bulk groups still read their shared memory.
+template <int N>
+__device__ __forceinline__ void bulk_wait_group_read() {
+  asm volatile("cp.async.bulk.wait_group.read %0;" ::"n"(N) : "memory");
+}
+/// Waits until at most N of this thread's bulk groups are still incomplete (writes done).
+template <int N>
+__device__ __forceinline__ void bulk_wait_group() {
+  asm volatile("cp.async.bulk.wait_group %0;" ::"n"(N) : "memory");
+}
+
 /// Multicast forms: the box lands at the same shared-memory offset, and completes bytes on
 /// the mbarrier at the same offset, in every CTA of the cluster whose bit is set in cta_mask.
 __device__ __forceinline__ void tma_load_3d_mc(u32 dst, const TmaDesc* desc, u32 bar, int c0,
@@ -317,6 +349,9 @@ __device__ __forceinline__ void ld_shared_v4(u32 addr, u32& a, u32& b, u32& c, u
                : "=r"(a), "=r"(b), "=r"(c), "=r"(d)
                : "r"(addr)
                : "memory");
+}
+__device__ __forceinline__ void st_shared_v2f(u32 addr, float a, float b) {
+  asm volatile("st.shared.v2.f32 [%0], {%1, %2};" ::"r"(addr), "f"(a), "f"(b) : "memory");
 }
 __device__ __forceinline__ void st_global_v4(void* p, u32 a, u32 b, u32 c, u32 d) {
   asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(a), "r"(b), "r"(c),

@@ -65,6 +65,11 @@ pub struct Sm90Config {
     /// L2 eviction hints: activations `evict_last` (re-read across n-tiles), weights
     /// `evict_first` (streamed).
     pub l2_hint: bool,
+    /// Weight gradients only (cooperative, single CTA, `bm = 128`): the epilogue stages each
+    /// warpgroup's rows in shared memory and the TMA unit stores them (an f32 accumulate is
+    /// a reduce-add in L2), so the consumers start the next tile's mainloop while the store
+    /// drains. The staging takes 64 KiB: at most 3 stages of 128x256.
+    pub tma_store: bool,
 }
 
 /// Rows of a forward/dgrad A tensor-map box (two m64 wgmma blocks); also the rows per tile
@@ -86,6 +91,7 @@ impl Sm90Config {
         cluster: 1,
         band: 16,
         l2_hint: false,
+        tma_store: false,
     };
     /// 128x256 cooperative, 4 stages, 2-CTA clusters with weight-tile multicast.
     pub const COOP_256_C2: Sm90Config = Sm90Config {
@@ -101,6 +107,7 @@ impl Sm90Config {
         cluster: 1,
         band: 16,
         l2_hint: false,
+        tma_store: false,
     };
     /// 128x128 cooperative, 6 stages.
     pub const COOP_128: Sm90Config = Sm90Config {
@@ -111,6 +118,7 @@ impl Sm90Config {
         cluster: 1,
         band: 16,
         l2_hint: false,
+        tma_store: false,
     };
     /// 256x128 cooperative, 4 stages: each consumer warpgroup owns 128 rows (two m64
     /// blocks); an expert of up to 256 rows is a single m-tile.
@@ -122,6 +130,7 @@ impl Sm90Config {
         cluster: 1,
         band: 16,
         l2_hint: false,
+        tma_store: false,
     };
     /// 256x128 cooperative, 4 stages, 2-CTA clusters with weight-tile multicast.
     pub const TALL_256_C2: Sm90Config = Sm90Config {
@@ -129,14 +138,23 @@ impl Sm90Config {
         ..Sm90Config::TALL_256
     };
 
-    /// The named configurations (benchmarks, tests).
-    pub const ALL: [(&'static str, Sm90Config); 6] = [
+    /// 128x256 cooperative, 3 stages, TMA-store epilogue, L2 hints: weight gradients.
+    pub const WGRAD_TS: Sm90Config = Sm90Config {
+        stages: 3,
+        l2_hint: true,
+        tma_store: true,
+        ..Sm90Config::COOP_256
+    };
+
+    /// The named configurations (benchmarks, tests; `ts256h` is for weight gradients only).
+    pub const ALL: [(&'static str, Sm90Config); 7] = [
         ("coop256x4", Sm90Config::COOP_256),
         ("c2coop256", Sm90Config::COOP_256_C2),
         ("pp128x6", Sm90Config::PINGPONG_128),
         ("coop128x6", Sm90Config::COOP_128),
         ("t256x4", Sm90Config::TALL_256),
         ("c2t256", Sm90Config::TALL_256_C2),
+        ("ts256h", Sm90Config::WGRAD_TS),
     ];
 
     /// Output columns per tile (SwiGLU pairs gate and up columns: half the accumulators).
@@ -154,7 +172,13 @@ impl Sm90Config {
     /// `bm x 64` elements of A and `bn x 64` of B.
     pub fn smem_bytes(&self, experts: usize) -> usize {
         let ring = self.stages as usize * (self.bm as usize + self.bn as usize) * BK as usize * 2;
-        let staging = 2 * 64 * (64 + 8) * 2;
+        // Two staging tiles (one per consumer warpgroup): 64x72 16-bit, or 32 KiB for the
+        // TMA-store epilogue.
+        let staging = if self.tma_store {
+            2 * 32768
+        } else {
+            2 * 64 * (64 + 8) * 2
+        };
         1024 + ring + staging + 16 * self.stages as usize + 8 * (experts + 1)
     }
 
@@ -166,6 +190,17 @@ impl Sm90Config {
         }
         if self.bn != 128 && self.bn != 256 {
             return bad("bn must be 128 or 256");
+        }
+        if self.tma_store
+            && (kind != GemmKind::Wgrad
+                || self.schedule != Schedule::Cooperative
+                || self.cluster != 1
+                || self.bm != 128)
+        {
+            return bad(
+                "the TMA-store epilogue is for weight gradients with the cooperative schedule, \
+                 one CTA per cluster and bm = 128",
+            );
         }
         if self.bm == 256 && (self.schedule != Schedule::Cooperative || self.bn != 128) {
             return bad(
@@ -260,6 +295,9 @@ impl Sm90Config {
         if self.bm != 128 {
             put("SM90_BM", self.bm as usize);
         }
+        if self.tma_store {
+            put("SM90_TSTORE", 1);
+        }
         put("SM90_SMEM_ONE_EXPERT", self.smem_bytes(1));
         d
     }
@@ -269,7 +307,9 @@ impl Sm90Config {
     /// forward/dgrad on 2-CTA clusters (best or within 6% of the best variant on all 20
     /// preset forward/dgrad GEMMs), with L2 eviction hints when an expert averages at most 384
     /// rows (weights streamed: +2–6% at 256 rows/expert, up to −14% at 1024); wgrad on single
-    /// CTAs with hints (best or within 4% on all 8).
+    /// CTAs with hints and the TMA-store epilogue ([`Sm90Config::WGRAD_TS`]: best on 6 of the
+    /// 8 preset weight gradients in bf16, +6% Mixtral wgrad0, +10% DeepSeek-V3, −6% Phi-3.5
+    /// wgrad0; `bench/results/2026-11-29-s2-hopper-wgrad-tmastore-h200.json`).
     pub fn choose(kind: GemmKind, _epilogue: Epilogue, groups: usize, rows: usize) -> Self {
         let streamed_weights = rows / groups.max(1) <= 384;
         match kind {
@@ -277,10 +317,7 @@ impl Sm90Config {
                 l2_hint: streamed_weights,
                 ..Sm90Config::COOP_256_C2
             },
-            GemmKind::Wgrad => Sm90Config {
-                l2_hint: true,
-                ..Sm90Config::COOP_256
-            },
+            GemmKind::Wgrad => Sm90Config::WGRAD_TS,
         }
     }
 }
@@ -308,13 +345,72 @@ mod tests {
     fn named_configs_are_valid_where_they_apply() {
         for (name, c) in Sm90Config::ALL {
             for kind in [GemmKind::Forward, GemmKind::Dgrad] {
-                c.validate(kind, Epilogue::None).unwrap();
+                // The TMA-store epilogue is for weight gradients only.
+                assert_eq!(
+                    c.validate(kind, Epilogue::None).is_ok(),
+                    !c.tma_store,
+                    "{name}"
+                );
             }
             let w = c.validate(GemmKind::Wgrad, Epilogue::None);
             assert_eq!(w.is_ok(), c.cluster == 1, "{name}");
-            c.validate(GemmKind::Forward, Epilogue::SwiGlu)
-                .expect("SwiGLU halves bn to a multiple of 64");
+            let swiglu = c.validate(GemmKind::Forward, Epilogue::SwiGlu);
+            assert_eq!(
+                swiglu.is_ok(),
+                !c.tma_store,
+                "SwiGLU halves bn to a multiple of 64"
+            );
         }
+    }
+
+    #[test]
+    fn tma_store_is_for_weight_gradients() {
+        let ts = Sm90Config::WGRAD_TS;
+        ts.validate(GemmKind::Wgrad, Epilogue::None).unwrap();
+        let msg = ts
+            .validate(GemmKind::Forward, Epilogue::None)
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("TMA-store epilogue"), "{msg}");
+        for bad in [
+            Sm90Config {
+                cluster: 2,
+                ..Sm90Config::WGRAD_TS
+            },
+            Sm90Config {
+                schedule: Schedule::PingPong,
+                bn: 128,
+                ..Sm90Config::WGRAD_TS
+            },
+            Sm90Config {
+                bm: 256,
+                bn: 128,
+                ..Sm90Config::WGRAD_TS
+            },
+        ] {
+            assert!(
+                bad.validate(GemmKind::Wgrad, Epilogue::None).is_err(),
+                "{bad:?}"
+            );
+        }
+        // 3 stages of 48 KiB + 64 KiB of staging + 16 x 3 barrier bytes + 1 KiB slack + 16:
+        // 256 experts still fit the 227 KiB a block can opt in to.
+        assert_eq!(ts.smem_bytes(1), 1024 + 3 * 49152 + 65536 + 48 + 16);
+        assert!(ts.smem_bytes(256) <= 232_448);
+        let d = ts.defines(GemmKind::Wgrad, Epilogue::None, false, false);
+        assert_eq!(d["SM90_TSTORE"], "1");
+        assert_eq!(d["SM90_STAGES"], "3");
+        // The other configurations keep exactly their macros.
+        for (name, c) in Sm90Config::ALL {
+            if !c.tma_store {
+                let d = c.defines(GemmKind::Wgrad, Epilogue::None, false, false);
+                assert!(!d.contains_key("SM90_TSTORE"), "{name}");
+            }
+        }
+        assert_eq!(
+            Sm90Config::choose(GemmKind::Wgrad, Epilogue::None, 8, 16384),
+            Sm90Config::WGRAD_TS
+        );
     }
 
     #[test]
@@ -513,7 +609,8 @@ mod tests {
             ("256", "2")
         );
         // 128-row tiles add no SM90_BM: their specialisations keep exactly their macros.
-        for (name, c) in Sm90Config::ALL.into_iter().filter(|(_, c)| c.bm == 128) {
+        let plain_128 = |c: &Sm90Config| c.bm == 128 && !c.tma_store;
+        for (name, c) in Sm90Config::ALL.into_iter().filter(|(_, c)| plain_128(c)) {
             for kind in [GemmKind::Forward, GemmKind::Dgrad] {
                 let d = c.defines(kind, Epilogue::None, false, false);
                 assert!(!d.contains_key("SM90_BM"), "{name}");

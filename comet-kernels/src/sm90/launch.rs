@@ -50,6 +50,7 @@ impl DeviceErrorCode {
 struct KernelArgs {
     a: TmaDescriptor,
     b: TmaDescriptor,
+    c: TmaDescriptor,
     out: u64,
     expert_offsets: u64,
     row_scale: u64,
@@ -134,6 +135,10 @@ pub struct Sm90Plan {
     pub a_map: TileMap,
     /// Tensor map of B.
     pub b_map: TileMap,
+    /// Tensor map of C for the TMA-store epilogue ([`Sm90Config::tma_store`]): C viewed as
+    /// `[groups][m_out][ldo]`, dims `{n_out, m_out, groups}`, boxes of 128 bytes x 64 rows
+    /// (rows clip at each expert's `m_out`, columns at `n_out`); `None` otherwise.
+    pub c_map: Option<TileMap>,
     /// NVRTC specialisation.
     pub defines: Defines,
 }
@@ -313,6 +318,15 @@ pub fn plan(d: &Sm90Desc, smem_optin: usize) -> Result<Sm90Plan> {
             format!("{smem_optin} bytes per block on this device"),
         ));
     }
+    // The TMA-store epilogue's map over C (weight gradients: `validate` refused the rest).
+    let c_map = d.config.tma_store.then(|| {
+        let esize_c = d.c.dtype.size() as u64;
+        TileMap {
+            dims: vec![n_out as u64, m_out as u64, groups as u64],
+            strides: vec![n_out as u64 * esize_c, (m_out * n_out) as u64 * esize_c],
+            box_dims: vec![(128 / esize_c) as u32, 64, 1],
+        }
+    });
     let f16 = elem == DType::F16;
     Ok(Sm90Plan {
         groups,
@@ -327,6 +341,7 @@ pub fn plan(d: &Sm90Desc, smem_optin: usize) -> Result<Sm90Plan> {
         store,
         a_map,
         b_map,
+        c_map,
         defines: d.config.defines_store(d.kind, d.epilogue, f16, store),
     })
 }
@@ -639,6 +654,10 @@ pub fn grouped_gemm(gpu: &Gpu, g: Sm90Gemm<'_>) -> Result<()> {
     let args = KernelArgs {
         a: plan.a_map.encode("A", elem, g.a.device_ptr())?,
         b: plan.b_map.encode("B", elem, g.b.device_ptr())?,
+        c: match &plan.c_map {
+            Some(m) => m.encode("C", g.c.dtype(), g.c.device_ptr())?,
+            None => TmaDescriptor::unused(),
+        },
         out: g.c.device_ptr(),
         expert_offsets: g.offsets.device_ptr(),
         row_scale: g.row_scale.map_or(0, |t| t.device_ptr()),
@@ -760,22 +779,24 @@ mod tests {
     #[test]
     fn kernel_args_layout() {
         use std::mem::{align_of, offset_of, size_of};
-        assert_eq!(size_of::<KernelArgs>(), 384);
+        // The offsets config.cuh lists beside its static_assert on the size.
+        assert_eq!(size_of::<KernelArgs>(), 512);
         assert_eq!(align_of::<KernelArgs>(), 128);
         assert_eq!(offset_of!(KernelArgs, b), 128);
-        assert_eq!(offset_of!(KernelArgs, out), 256);
-        assert_eq!(offset_of!(KernelArgs, expert_offsets), 264);
-        assert_eq!(offset_of!(KernelArgs, row_scale), 272);
-        assert_eq!(offset_of!(KernelArgs, tile_order), 280);
-        assert_eq!(offset_of!(KernelArgs, error_flag), 288);
-        assert_eq!(offset_of!(KernelArgs, num_experts), 296);
-        assert_eq!(offset_of!(KernelArgs, n_out), 300);
-        assert_eq!(offset_of!(KernelArgs, ldo), 304);
-        assert_eq!(offset_of!(KernelArgs, k), 308);
-        assert_eq!(offset_of!(KernelArgs, m_out), 312);
-        assert_eq!(offset_of!(KernelArgs, rows_cap), 316);
-        assert_eq!(offset_of!(KernelArgs, aux), 320);
-        assert_eq!(offset_of!(KernelArgs, ldaux), 328);
+        assert_eq!(offset_of!(KernelArgs, c), 256);
+        assert_eq!(offset_of!(KernelArgs, out), 384);
+        assert_eq!(offset_of!(KernelArgs, expert_offsets), 392);
+        assert_eq!(offset_of!(KernelArgs, row_scale), 400);
+        assert_eq!(offset_of!(KernelArgs, tile_order), 408);
+        assert_eq!(offset_of!(KernelArgs, error_flag), 416);
+        assert_eq!(offset_of!(KernelArgs, num_experts), 424);
+        assert_eq!(offset_of!(KernelArgs, n_out), 428);
+        assert_eq!(offset_of!(KernelArgs, ldo), 432);
+        assert_eq!(offset_of!(KernelArgs, k), 436);
+        assert_eq!(offset_of!(KernelArgs, m_out), 440);
+        assert_eq!(offset_of!(KernelArgs, rows_cap), 444);
+        assert_eq!(offset_of!(KernelArgs, aux), 448);
+        assert_eq!(offset_of!(KernelArgs, ldaux), 456);
         assert_eq!(size_of::<NoWaitArgs>(), 4);
     }
 
@@ -828,9 +849,30 @@ mod tests {
         let p = plan(&w, OPTIN).unwrap();
         assert_eq!((p.m_out, p.n_out), (2048, 4096));
         assert_eq!(p.max_tiles, 16 * 16 * 16);
+        assert_eq!(p.c_map, None, "stores from registers: no map over C");
         let mut w2 = w.clone();
         w2.config = Sm90Config::COOP_256_C2;
         assert!(matches!(plan(&w2, OPTIN), Err(Error::Invalid(_))));
+        // The TMA-store epilogue: C viewed as [groups][m_out][n_out], 128-byte boxes of 64 rows
+        // (64 bf16 or 32 f32 columns); rows clip at m_out, columns at n_out.
+        let mut ts = w.clone();
+        ts.config = Sm90Config::WGRAD_TS;
+        let c = plan(&ts, OPTIN).unwrap().c_map.expect("a map over C");
+        assert_eq!(c.dims, vec![4096, 2048, 16]);
+        assert_eq!(c.strides, vec![4096 * 2, 2048 * 4096 * 2]);
+        assert_eq!(c.box_dims, vec![64, 64, 1]);
+        ts.c = Meta::new(DType::F32, &[16, 2048, 4096]);
+        ts.accumulate = true;
+        let p = plan(&ts, OPTIN).unwrap();
+        let c = p.c_map.expect("a map over C");
+        assert_eq!(c.strides, vec![4096 * 4, 2048 * 4096 * 4]);
+        assert_eq!(c.box_dims, vec![32, 64, 1]);
+        assert_eq!(p.defines["SM90_TSTORE"], "1");
+        c.check("C", DType::F32, 0).unwrap();
+        // Forward is refused (the map could not stop at an expert's last row).
+        let mut f = fwd(&[300, 2048], &[16, 2048, 4096], &[300, 2048], 16);
+        f.config = Sm90Config::WGRAD_TS;
+        assert!(matches!(plan(&f, OPTIN), Err(Error::Invalid(_))));
     }
 
     #[test]
@@ -986,8 +1028,8 @@ mod tests {
         assert_eq!(p.defines["SM90_OUT_F16"], "0");
         assert_eq!(
             p.smem_bytes,
-            Sm90Config::COOP_256.smem_bytes(16),
-            "no extra smem"
+            Sm90Config::WGRAD_TS.smem_bytes(16),
+            "the store variant needs no shared memory beyond its configuration's"
         );
         // f32 forward and dgrad, with and without accumulation.
         for kind in [GemmKind::Forward, GemmKind::Dgrad] {

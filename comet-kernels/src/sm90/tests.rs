@@ -504,6 +504,7 @@ fn dgrad_and_wgrad() {
         Sm90Config::COOP_256,
         Sm90Config::PINGPONG_128,
         Sm90Config::TALL_256,
+        Sm90Config::WGRAD_TS,
     ] {
         // an expert with no rows must get an all-zero weight gradient
         let w = Case::fwd(&[0, 3, 200, 129, 0], 200, 264).with(|c| {
@@ -653,6 +654,7 @@ fn wgrad_f32_and_accumulate() {
         ("pp128x6", Sm90Config::PINGPONG_128),
         ("coop128x6", Sm90Config::COOP_128),
         ("t256x4", Sm90Config::TALL_256),
+        ("ts256h", Sm90Config::WGRAD_TS),
     ];
     let mut seed = 400;
     for (name, cfg) in configs {
@@ -1054,8 +1056,9 @@ fn nvrtc_compiles_every_specialisation() {
     let d = hinted.defines(GemmKind::Dgrad, Epilogue::None, false, false);
     cache.cubin(&program(), &d, Arch::SM90).expect("l2 hint");
     assert_eq!(
-        n, 28,
-        "specialisations: 6 configs x 5 (kind, epilogue) minus clustered wgrad"
+        n, 29,
+        "specialisations: 6 configs x 5 (kind, epilogue) minus clustered wgrad, plus the \
+         TMA-store epilogue's wgrad"
     );
     // Store variants: f32 (+ accumulate) for every valid (config, kind, epilogue), the
     // pre-activation store for the activations; f16 inputs and L2 hints once each.
@@ -1095,7 +1098,7 @@ fn nvrtc_compiles_every_specialisation() {
     }
     assert_eq!(
         m,
-        28 * 2 + 12,
+        29 * 2 + 12,
         "f32 and f32+accumulate everywhere, aux with activations"
     );
     let acc = Sm90Store {

@@ -13,6 +13,14 @@ use crate::error::{Error, Result};
 #[derive(Clone, Copy)]
 pub struct TmaDescriptor(pub sys::CUtensorMap);
 
+impl TmaDescriptor {
+    /// An all-zero descriptor for a map the kernel never reads (its configuration has no
+    /// use for it, e.g. C without the TMA-store epilogue).
+    pub fn unused() -> Self {
+        TmaDescriptor(sys::CUtensorMap { opaque: [0; 16] })
+    }
+}
+
 impl std::fmt::Debug for TmaDescriptor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("TmaDescriptor(..)")
@@ -44,11 +52,11 @@ impl TileMap {
                 self.box_dims.len()
             )));
         }
-        if !matches!(elem, DType::BF16 | DType::F16) {
+        if !matches!(elem, DType::BF16 | DType::F16 | DType::F32) {
             return Err(Error::DType {
                 what: what.to_string(),
                 got: elem.to_string(),
-                expected: "bf16 or f16".to_string(),
+                expected: "bf16, f16 or f32".to_string(),
             });
         }
         if address % 16 != 0 {
@@ -104,14 +112,14 @@ impl TileMap {
         Ok(())
     }
 
-    /// Encodes the map over device memory at `address` (bf16/f16, 128-byte swizzle, zero
+    /// Encodes the map over device memory at `address` (bf16/f16/f32, 128-byte swizzle, zero
     /// fill out of bounds, 256-byte L2 promotion). Needs the CUDA driver; no context work.
     pub fn encode(&self, what: &str, elem: DType, address: u64) -> Result<TmaDescriptor> {
         self.check(what, elem, address)?;
-        let dtype = if elem == DType::F16 {
-            sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16
-        } else {
-            sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
+        let dtype = match elem {
+            DType::F16 => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
+            DType::F32 => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT32,
+            _ => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
         };
         let elem_strides = [1u32; 5];
         let mut map = sys::CUtensorMap { opaque: [0; 16] };
@@ -202,9 +210,17 @@ mod tests {
             Err(Error::Limit { value: 256, .. })
         ));
         assert!(matches!(
-            map2(64, 8).check("A", DType::F32, 0),
+            map2(64, 8).check("A", DType::I32, 0),
             Err(Error::DType { .. })
         ));
+        // f32 (the TMA-store epilogue's C): 32 columns fill the 128-byte swizzle span.
+        assert!(matches!(
+            map2(64, 8).check("C", DType::F32, 0),
+            Err(Error::Limit { value: 256, .. })
+        ));
+        let mut m = map2(64, 8);
+        m.box_dims[0] = 32;
+        m.check("C", DType::F32, 0).unwrap();
         let m = TileMap {
             dims: vec![64],
             strides: vec![128],
