@@ -1006,14 +1006,15 @@ mod tests {
             case("mixtral-8x7b", "sequential+mma-wgrad", 5.0),
             case("mixtral-8x7b", "pipelined+r16+mma-wgrad", 4.0),
         ];
-        let r = gather(vec![rank(0, 1, cases)], "2026-11-29").unwrap();
-        let hidden = |s: &str| {
+        let hidden_in = |r: &Results, s: &str| {
             r.cases
                 .iter()
                 .find(|c| c.key.strategy == s)
                 .unwrap()
                 .comm_hidden
         };
+        let r = gather(vec![rank(0, 1, cases)], "2026-11-29").unwrap();
+        let hidden = |s: &str| hidden_in(&r, s);
         assert_eq!(hidden("sequential"), None);
         assert_eq!(hidden("sequential+mma-wgrad"), None);
         // sequential comm 1.2 + 0.8 = 2.0 ms: (4 - 3.4) / 2.0 = 0.3.
@@ -1030,13 +1031,7 @@ mod tests {
             case("mixtral-8x7b", "pipelined+r16+s90", 3.4),
         ];
         let r = gather(vec![rank(0, 1, legacy)], "2026-11-29").unwrap();
-        let hidden = |s: &str| {
-            r.cases
-                .iter()
-                .find(|c| c.key.strategy == s)
-                .unwrap()
-                .comm_hidden
-        };
+        let hidden = |s: &str| hidden_in(&r, s);
         assert_eq!(hidden("sequential+s90"), None);
         assert!((hidden("pipelined").unwrap() - 0.4).abs() < 1e-9);
         assert!((hidden("pipelined+r16+s90").unwrap() - 0.3).abs() < 1e-9);

@@ -125,12 +125,7 @@ impl Sm90Config {
     pub const TALL_256: Sm90Config = Sm90Config {
         bm: 256,
         bn: 128,
-        schedule: Schedule::Cooperative,
-        stages: 4,
-        cluster: 1,
-        band: 16,
-        l2_hint: false,
-        tma_store: false,
+        ..Sm90Config::COOP_256
     };
     /// 256x128 cooperative, 4 stages, 2-CTA clusters with weight-tile multicast.
     pub const TALL_256_C2: Sm90Config = Sm90Config {

@@ -774,6 +774,24 @@ mod tests {
             max_ctas: None,
         }
     }
+    /// A weight-gradient desc: `dy [rows, m]`, `x [rows, n]` into `c [g, m, n]` of `c_dtype`.
+    fn wgrad(
+        rows: usize,
+        m: usize,
+        n: usize,
+        g: usize,
+        c_dtype: DType,
+        accumulate: bool,
+    ) -> Sm90Desc {
+        Sm90Desc {
+            kind: GemmKind::Wgrad,
+            a: Meta::new(DType::BF16, &[rows, m]),
+            b: Meta::new(DType::BF16, &[rows, n]),
+            c: Meta::new(c_dtype, &[g, m, n]),
+            accumulate,
+            ..fwd(&[rows, m], &[g, n, m], &[rows, n], g)
+        }
+    }
     const OPTIN: usize = 232_448;
 
     #[test]
@@ -832,19 +850,8 @@ mod tests {
         assert_eq!((p.n_out, p.k), (4096, 2048));
         assert_eq!(p.b_map.dims, vec![4096, 2048, 16]);
         let w = Sm90Desc {
-            kind: GemmKind::Wgrad,
-            a: Meta::new(DType::BF16, &[300, 2048]),
-            b: Meta::new(DType::BF16, &[300, 4096]),
-            offsets: Meta::new(DType::I32, &[17]),
-            c: Meta::new(DType::BF16, &[16, 2048, 4096]),
-            accumulate: false,
-            aux: None,
-            epilogue: Epilogue::None,
-            row_scale: None,
-            tile_order: None,
-            error_flag: None,
             config: Sm90Config::COOP_256,
-            max_ctas: None,
+            ..wgrad(300, 2048, 4096, 16, DType::BF16, false)
         };
         let p = plan(&w, OPTIN).unwrap();
         assert_eq!((p.m_out, p.n_out), (2048, 4096));
@@ -909,19 +916,8 @@ mod tests {
         assert_eq!(p.max_tiles, (300 / 256 + 16) * (4096 / 128));
         // Wgrad: A boxes of 64 x 64 (four per 256-row tile), ceil(m_out / 256) m-tiles.
         let w = Sm90Desc {
-            kind: GemmKind::Wgrad,
-            a: Meta::new(DType::BF16, &[300, 2000]),
-            b: Meta::new(DType::BF16, &[300, 4096]),
-            offsets: Meta::new(DType::I32, &[17]),
-            c: Meta::new(DType::F32, &[16, 2000, 4096]),
-            accumulate: true,
-            aux: None,
-            epilogue: Epilogue::None,
-            row_scale: None,
-            tile_order: None,
-            error_flag: None,
             config: Sm90Config::TALL_256,
-            max_ctas: None,
+            ..wgrad(300, 2000, 4096, 16, DType::F32, true)
         };
         let p = plan(&w, OPTIN).unwrap();
         assert_eq!(p.a_map.box_dims, vec![64, 64]);
@@ -995,19 +991,8 @@ mod tests {
     fn f32_accumulate_and_aux_stores() {
         // wgrad in f32 with accumulation (the backward's weight gradients).
         let w = Sm90Desc {
-            kind: GemmKind::Wgrad,
-            a: Meta::new(DType::BF16, &[300, 2048]),
-            b: Meta::new(DType::BF16, &[300, 4096]),
-            offsets: Meta::new(DType::I32, &[17]),
-            c: Meta::new(DType::F32, &[16, 2048, 4096]),
-            accumulate: true,
-            aux: None,
-            epilogue: Epilogue::None,
-            row_scale: None,
-            tile_order: None,
-            error_flag: None,
             config: Sm90Config::choose(GemmKind::Wgrad, Epilogue::None, 16, 300),
-            max_ctas: None,
+            ..wgrad(300, 2048, 4096, 16, DType::F32, true)
         };
         let p = plan(&w, OPTIN).unwrap();
         assert_eq!(
