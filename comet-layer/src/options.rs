@@ -9,11 +9,19 @@ use crate::error::{Error, Result};
 /// Chunks of [`Strategy::Pipelined`] when a string says just `pipelined`.
 pub const DEFAULT_CHUNKS: usize = 4;
 
-/// A starting point for [`LayerOptions::gemm_sm_reserve`] on an H200 (132 SMs), not yet
-/// measured: NCCL's all-to-all-v over NVLink between 2 GPUs runs on the order of 8–16
-/// channels, one block per channel, so 16 SMs let a whole chunk's exchange run beside the
-/// GEMMs while they keep ~88% of the SMs. Sweep it with `comet-bench run
-/// --gemm-sm-reserve N` before changing the default (0).
+/// A value to try for [`LayerOptions::gemm_sm_reserve`] on an H200 (132 SMs). NCCL's
+/// all-to-all-v over NVLink between 2 GPUs runs on the order of 8–16 channels, one block per
+/// channel, so 16 SMs let a whole chunk's exchange run beside the GEMMs while they keep ~88%
+/// of the SMs. Measured on 2 × H200 at 8192 tokens per rank it does not pay off
+/// (`bench/results/2026-11-29-s2-layer-stores-reserve-h200x2.json`). Forward Pipelined(4)
+/// with 0 → 16 SMs reserved, in ms:
+/// - Mixtral 10.44 → 10.88;
+/// - Qwen2-MoE 2.53 → 2.44;
+/// - Phi-3.5 5.38 → 5.49;
+/// - DeepSeek-V3 20.66 → 19.27.
+///
+/// Pipelined stays slower than Sequential either way, so the default stays 0. Sweep it with
+/// `comet-bench run --gemm-sm-reserve N`.
 pub const SUGGESTED_GEMM_SM_RESERVE: usize = 16;
 
 /// How communication and computation are ordered.
