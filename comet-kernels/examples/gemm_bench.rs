@@ -29,7 +29,7 @@ use comet_kernels::Gpu;
 use comet_kernels::buffer::{DType, DeviceTensor};
 use comet_kernels::gemm::{self, Epilogue, GemmArgs, GemmDesc, GemmKind, Meta, TileShape};
 use comet_kernels::init::fill_uniform;
-use comet_kernels::sm90::{self, Sm90Config, Sm90Gemm};
+use comet_kernels::sm90::{self, Sm90Config, Sm90Gemm, Sm90Store};
 use comet_kernels::{router, routing::RoutingPlan, rows};
 use cudarc::cublas::{CudaBlas, sys as cublas_sys};
 use rand::rngs::StdRng;
@@ -431,7 +431,12 @@ fn main() -> Res<()> {
             let (kind, epi) = (which.kind(), which.epilogue());
             // The variants: tile shapes (mma) or Hopper configurations valid for this GEMM.
             let variants: Vec<(String, Option<TileShape>, Option<Sm90Config>)> = if hopper {
-                let chosen = Sm90Config::choose(kind, epi, e, rows);
+                let store = Sm90Store {
+                    f32_out: which.f32_out(),
+                    accumulate: which.accumulate(),
+                    aux: false,
+                };
+                let chosen = Sm90Config::choose_for(kind, epi, e, rows, store);
                 sm90_configs
                     .iter()
                     .filter(|(_, c)| c.validate(kind, epi).is_ok())

@@ -282,7 +282,7 @@ mod tests {
     use comet_core::{MoeConfig, Preset};
     use comet_kernels::buffer::DType;
     use comet_kernels::gemm::{self, Epilogue, GemmDesc, GemmKind, Meta, TileShape};
-    use comet_kernels::sm90::{self, Sm90Config, Sm90Desc};
+    use comet_kernels::sm90::{self, Sm90Config, Sm90Desc, Sm90Store};
 
     const OPTIN: u32 = 232_448;
 
@@ -477,7 +477,17 @@ mod tests {
             row_scale: None,
             tile_order: None,
             error_flag: None,
-            config: Sm90Config::choose(g.kind, g.epi, l, rows),
+            config: Sm90Config::choose_for(
+                g.kind,
+                g.epi,
+                l,
+                rows,
+                Sm90Store {
+                    f32_out: g.c_f32,
+                    accumulate,
+                    aux: g.aux.is_some(),
+                },
+            ),
             max_ctas: None,
         }
     }

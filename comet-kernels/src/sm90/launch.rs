@@ -546,7 +546,7 @@ impl<'a> Sm90Gemm<'a> {
         self.config(config).max_ctas(n)
     }
 
-    /// The configuration this GEMM runs with (explicit or [`Sm90Config::choose`]'s).
+    /// The configuration this GEMM runs with (explicit or [`Sm90Config::choose_for`]'s).
     fn chosen_config(&self) -> Sm90Config {
         let groups = self
             .offsets
@@ -554,8 +554,14 @@ impl<'a> Sm90Gemm<'a> {
             .first()
             .map_or(0, |n| n.saturating_sub(1));
         let rows = self.a.shape().first().copied().unwrap_or(0);
-        self.config
-            .unwrap_or_else(|| Sm90Config::choose(self.kind, self.epilogue, groups, rows))
+        let store = Sm90Store {
+            f32_out: self.c.dtype() == DType::F32,
+            accumulate: self.accumulate,
+            aux: self.aux.is_some(),
+        };
+        self.config.unwrap_or_else(|| {
+            Sm90Config::choose_for(self.kind, self.epilogue, groups, rows, store)
+        })
     }
 
     /// The operand description (what [`plan`] validates).
