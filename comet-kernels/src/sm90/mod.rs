@@ -18,6 +18,13 @@
 //! warpgroup then owns two m64 blocks, and an expert of up to 256 rows reads each weight
 //! tile once); [`Sm90Config::choose`] keeps 128-row tiles.
 //!
+//! Weight gradients can run the TMA-store epilogue ([`Sm90Config::tma_store`],
+//! [`Sm90Config::WGRAD_TS`]). Each consumer warpgroup stages its rows in shared memory and the
+//! TMA unit stores them, or for an f32 accumulate adds them in L2, through a map over C that
+//! clips each expert's rows. The warpgroup then starts its next tile while the store drains.
+//! [`Sm90Config::choose_for`] picks it for weight gradients, except for an accumulating one at
+//! ≤ 384 rows per expert, which runs faster from registers.
+//!
 //! Layouts are those of [`crate::gemm`]: forward `A[rows, K] · W_g[N, K]ᵀ`, dgrad
 //! `A[rows, N] · W_g[N, K]` (N-major B through wgmma's transpose bit) and wgrad
 //! `Σ_r A[r, N]ᵀ B[r, K]` per expert (K-grouped: rows past the expert are zeroed in shared
