@@ -409,6 +409,16 @@ fn hopper(gpu: &Gpu) -> bool {
 
 const RAGGED: [usize; 5] = [0, 1, 130, 64, 257];
 
+/// The configurations the forward and dgrad tests run: clustered and single-CTA,
+/// cooperative and ping-pong, 128- and 256-row tiles.
+const FORWARD_AND_DGRAD_CONFIGS: [Sm90Config; 5] = [
+    Sm90Config::COOP_256_C2,
+    Sm90Config::COOP_256,
+    Sm90Config::PINGPONG_128,
+    Sm90Config::TALL_256,
+    Sm90Config::TALL_256_C2,
+];
+
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn forward_every_config() {
@@ -457,13 +467,7 @@ fn forward_swiglu_gelu_scale_f16() {
     if !hopper(&gpu) {
         return;
     }
-    for cfg in [
-        Sm90Config::COOP_256_C2,
-        Sm90Config::COOP_256,
-        Sm90Config::PINGPONG_128,
-        Sm90Config::TALL_256,
-        Sm90Config::TALL_256_C2,
-    ] {
+    for cfg in FORWARD_AND_DGRAD_CONFIGS {
         let swiglu = Case::fwd(&[100, 0, 200, 129], 400, 320).with(|c| {
             c.epilogue = Epilogue::SwiGlu;
             c.scale = true;
@@ -490,13 +494,7 @@ fn dgrad_and_wgrad() {
     if !hopper(&gpu) {
         return;
     }
-    for cfg in [
-        Sm90Config::COOP_256_C2,
-        Sm90Config::COOP_256,
-        Sm90Config::PINGPONG_128,
-        Sm90Config::TALL_256,
-        Sm90Config::TALL_256_C2,
-    ] {
+    for cfg in FORWARD_AND_DGRAD_CONFIGS {
         let d = Case::fwd(&RAGGED, 1000, 264).with(|c| {
             c.kind = GemmKind::Dgrad;
             c.config = cfg;
@@ -711,13 +709,7 @@ fn forward_and_dgrad_f32_and_accumulate() {
         return;
     }
     let mut seed = 500;
-    for cfg in [
-        Sm90Config::COOP_256_C2,
-        Sm90Config::COOP_256,
-        Sm90Config::PINGPONG_128,
-        Sm90Config::TALL_256,
-        Sm90Config::TALL_256_C2,
-    ] {
+    for cfg in FORWARD_AND_DGRAD_CONFIGS {
         for accumulate in [false, true] {
             let cases = [
                 Case::fwd(&RAGGED, 520, 1000),
