@@ -32,6 +32,39 @@ __device__ __forceinline__ u32 pack_in(float lo, float hi) {
   return C::IN_F16 ? pack_f16x2(lo, hi) : pack_bf16x2(lo, hi);
 }
 
+/// Where a thread's accumulator fragment sits in an m64 wgmma block: rows r_lo and r_lo + 8
+/// (both equal to lane / 4 modulo 8), columns cpair, cpair + 1 of every 8-column group.
+struct FragPos {
+  int r_lo;
+  int cpair;
+};
+__device__ __forceinline__ FragPos frag_pos(int wtid) {
+  const int warp = wtid / 32;
+  const int lane = wtid % 32;
+  return FragPos{16 * warp + lane / 4, 2 * (lane % 4)};
+}
+
+/// Accumulator `i` of an m64 block after the epilogue's activation (SwiGLU pairs it with the
+/// up projection ACC_N / 2 further on).
+template <class C>
+__device__ __forceinline__ float activated(const float (&a)[C::ACC_N], int i) {
+  float x = a[i];
+  if (C::EPI == EPI_SWIGLU) x = silu_f(x) * a[i + C::ACC_N / 2];
+  if (C::EPI == EPI_GELU) x = gelu_erf_f(x);
+  return x;
+}
+
+/// Row scales of a thread's two fragment rows (1 without g.row_scale or past rows_blk).
+__device__ __forceinline__ void row_scales(const GroupedGemmArgs& g, int grow0, int r_lo,
+                                           int rows_blk, float& s0, float& s1) {
+  s0 = 1.0f;
+  s1 = 1.0f;
+  if (g.row_scale != nullptr) {
+    if (r_lo < rows_blk) s0 = g.row_scale[grow0 + r_lo];
+    if (r_lo + 8 < rows_blk) s1 = g.row_scale[grow0 + r_lo + 8];
+  }
+}
+
 /// Staging -> global for one 64-column chunk of 16-bit values: 64 rows x 8 chunks of 16
 /// bytes, 4 per thread, a row per 8 lanes. (The main store in epilogue_store keeps its own
 /// copy of this loop: routing it through here changes the SASS of the default kernels,
@@ -79,10 +112,9 @@ __device__ __forceinline__ void epilogue_store_f32(const float (&acc)[C::MW][C::
                                                    const GroupedGemmArgs& g, const Tile& t,
                                                    int row0, int rows_wg, int wtid) {
   if (C::ACCUM && t.k_len == 0) return;  // nothing to add: the output stays bit for bit
-  const int warp = wtid / 32;
-  const int lane = wtid % 32;
-  const int r_lo = 16 * warp + lane / 4;  // fragment rows r_lo, r_lo + 8 of each m64 block
-  const int cpair = 2 * (lane % 4);
+  const FragPos f = frag_pos(wtid);
+  const int r_lo = f.r_lo;
+  const int cpair = f.cpair;
   float* out = reinterpret_cast<float*>(g.out);
   const int col_tile = t.n_block * C::OUT_BN;
 #pragma unroll
@@ -90,11 +122,8 @@ __device__ __forceinline__ void epilogue_store_f32(const float (&acc)[C::MW][C::
     const int rows_blk = rows_wg - 64 * mb;
     if (rows_blk <= 0) break;
     const int grow0 = row0 + 64 * mb;
-    float s0 = 1.0f, s1 = 1.0f;
-    if (g.row_scale != nullptr) {
-      if (r_lo < rows_blk) s0 = g.row_scale[grow0 + r_lo];
-      if (r_lo + 8 < rows_blk) s1 = g.row_scale[grow0 + r_lo + 8];
-    }
+    float s0, s1;
+    row_scales(g, grow0, r_lo, rows_blk, s0, s1);
     const bool ok0 = r_lo < rows_blk;
     const bool ok1 = r_lo + 8 < rows_blk;
     float* p0 = out + (long long)(grow0 + r_lo) * g.ldo;
@@ -120,12 +149,7 @@ __device__ __forceinline__ void epilogue_store_f32(const float (&acc)[C::MW][C::
         const int col = col_tile + chunk * 64 + 8 * jj + cpair;
         float v[4];
 #pragma unroll
-        for (int q = 0; q < 4; ++q) {
-          float x = acc[mb][4 * j + q];
-          if (C::EPI == EPI_SWIGLU) x = silu_f(x) * acc[mb][4 * j + q + C::ACC_N / 2];
-          if (C::EPI == EPI_GELU) x = gelu_erf_f(x);
-          v[q] = x;
-        }
+        for (int q = 0; q < 4; ++q) v[q] = activated<C>(acc[mb], 4 * j + q);
         float2 w0 = make_float2(v[0] * s0, v[1] * s0);
         float2 w1 = make_float2(v[2] * s1, v[3] * s1);
         if (C::ACCUM) {
@@ -151,10 +175,9 @@ __device__ __forceinline__ void store_aux_chunk(const float (&a)[C::ACC_N],
                                                 const GroupedGemmArgs& g, int chunk, int half,
                                                 int grow0, int rows_blk, int col_tile,
                                                 u32 stage, int wtid, int bar_id) {
-  const int warp = wtid / 32;
-  const int lane = wtid % 32;
-  const int r_lo = 16 * warp + lane / 4;
-  const int cpair = 2 * (lane % 4);
+  const FragPos f = frag_pos(wtid);
+  const int r_lo = f.r_lo;
+  const int cpair = f.cpair;
   const int off = half * (C::ACC_N / 2);
 #pragma unroll
   for (int jj = 0; jj < 8; ++jj) {
@@ -188,10 +211,9 @@ __device__ __forceinline__ void epilogue_tma_store(const float (&acc)[C::MW][C::
   constexpr int PASS_COLS = C::OUT_BN / C::TS_PASSES;
   constexpr int GROUPS = PASS_COLS / 8;  // 8-column fragment groups per pass
   constexpr int BOXES = PASS_COLS / C::TS_BOX_COLS;
-  const int warp = wtid / 32;
   const int lane = wtid % 32;
-  const int r_lo = 16 * warp + lane / 4;  // fragment rows r_lo, r_lo + 8; both are lane / 4 mod 8
-  const u32 swz = (u32)(lane / 4);
+  const int r_lo = frag_pos(wtid).r_lo;
+  const u32 swz = (u32)(lane / 4);  // r_lo and r_lo + 8 modulo 8: the 128-byte swizzle's row
 #pragma unroll
   for (int pass = 0; pass < C::TS_PASSES; ++pass) {
     if (wtid == 0) bulk_wait_group_read<0>();  // the previous store has left the staging tile
@@ -249,10 +271,9 @@ __device__ __forceinline__ void epilogue_store(const float (&acc)[C::MW][C::ACC_
     epilogue_store_f32<C>(acc, g, t, row0, rows_wg, wtid);
     return;
   }
-  const int warp = wtid / 32;
-  const int lane = wtid % 32;
-  const int r_lo = 16 * warp + lane / 4;  // fragment rows r_lo, r_lo + 8 of each m64 block
-  const int cpair = 2 * (lane % 4);
+  const FragPos f = frag_pos(wtid);
+  const int r_lo = f.r_lo;
+  const int cpair = f.cpair;
   char* out = reinterpret_cast<char*>(g.out);
   const int col_tile = t.n_block * C::OUT_BN;
 #pragma unroll
@@ -260,11 +281,8 @@ __device__ __forceinline__ void epilogue_store(const float (&acc)[C::MW][C::ACC_
     const int rows_blk = rows_wg - 64 * mb;
     if (rows_blk <= 0) break;
     const int grow0 = row0 + 64 * mb;
-    float s0 = 1.0f, s1 = 1.0f;
-    if (g.row_scale != nullptr) {
-      if (r_lo < rows_blk) s0 = g.row_scale[grow0 + r_lo];
-      if (r_lo + 8 < rows_blk) s1 = g.row_scale[grow0 + r_lo + 8];
-    }
+    float s0, s1;
+    row_scales(g, grow0, r_lo, rows_blk, s0, s1);
 #pragma unroll
     for (int chunk = 0; chunk < C::OUT_BN / 64; ++chunk) {
       if (C::AUX) {
@@ -280,12 +298,7 @@ __device__ __forceinline__ void epilogue_store(const float (&acc)[C::MW][C::ACC_
         const int j = chunk * 8 + jj;  // 8-column group in the accumulator
         float v[4];
 #pragma unroll
-        for (int q = 0; q < 4; ++q) {
-          float x = acc[mb][4 * j + q];
-          if (C::EPI == EPI_SWIGLU) x = silu_f(x) * acc[mb][4 * j + q + C::ACC_N / 2];
-          if (C::EPI == EPI_GELU) x = gelu_erf_f(x);
-          v[q] = x;
-        }
+        for (int q = 0; q < 4; ++q) v[q] = activated<C>(acc[mb], 4 * j + q);
         const int col = 8 * jj + cpair;
         st_shared_u32(stage + r_lo * C::EPI_PITCH + col * 2, pack_out<C>(v[0] * s0, v[1] * s0));
         st_shared_u32(stage + (r_lo + 8) * C::EPI_PITCH + col * 2,
