@@ -8,7 +8,7 @@ ROOT=$(cd ../.. && pwd)
 OUT_DIR=${OUT_DIR:-$ROOT/.gpu-hopper}
 NVCC=${NVCC:-/usr/local/cuda/bin/nvcc}
 mkdir -p "$OUT_DIR"
-"$NVCC" -gencode=arch=compute_90a,code=sm_90a -O3 -std=c++17 -lineinfo -Xptxas -v -I"$ROOT/comet-kernels/cuda" \
+"$NVCC" ${EXTRA_FLAGS:-} -gencode=arch=compute_90a,code=sm_90a -O3 -std=c++17 -lineinfo -Xptxas -v -I"$ROOT/comet-kernels/cuda" \
   -o "$OUT_DIR/hopper_dev" hopper_dev.cu -lcublas -L/usr/local/cuda/lib64 \
   -Xlinker -rpath=/usr/local/cuda/lib64 2> "$OUT_DIR/ptxas.txt"
 grep -E "Used|spill|C75" "$OUT_DIR/ptxas.txt" | grep -B1 -A0 "" | head -100 > "$OUT_DIR/ptxas-summary.txt" || true

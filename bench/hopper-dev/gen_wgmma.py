@@ -4,7 +4,9 @@ wgmma.mma_async m64nNk16 with f32 accumulators, both operands from shared-memory
 descriptors. Run from the repository root: python3 bench/hopper-dev/gen_wgmma.py"""
 import pathlib
 
-NS = [64, 128, 256]
+# 64/128/256: every operand layout; the other multiples of 16 (swap-AB tiles, whose N is the
+# chunk of tokens) only with B K-major.
+NS = list(range(16, 257, 16))
 TYPES = [("bf16", "bf16"), ("f16", "f16")]
 
 out = []
@@ -24,7 +26,8 @@ for n in NS:
     nreg = n // 2
     for (ty, suffix) in TYPES:
         f16 = "true" if ty == "f16" else "false"
-        for ta, tb in ((0, 0), (0, 1), (1, 1), (1, 0)):
+        combos = ((0, 0), (0, 1), (1, 1), (1, 0)) if n in (64, 128, 256) else ((0, 0), (1, 0))
+        for ta, tb in combos:
             regs = ", ".join(f"%{i}" for i in range(nreg))
             a = nreg
             b = nreg + 1

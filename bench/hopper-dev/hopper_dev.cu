@@ -8,7 +8,7 @@
 // multiple of 64, reversed tile order, 256 experts, f16).
 //
 // Build: see build.sh. Run: ./hopper_dev [--small] [--json FILE] [--only SUBSTR] [--iters N]
-//        [--variants NAME,NAME,..]
+//        [--variants NAME,NAME,..] [--tokens N (default 8192)]
 #include <cublas_v2.h>
 #include <cuda.h>
 #include <cudaTypedefs.h>
@@ -283,7 +283,7 @@ long long count_tiles(const Problem& p) {
   long long nt = (p.n_out() + C::OUT_BN - 1) / C::OUT_BN;
   if (C::MODE == MODE_WGRAD) return (long long)p.E * ((p.p0 + C::BM - 1) / C::BM) * nt;
   long long mt = 0;
-  for (int c : p.counts) mt += (c + C::BM - 1) / C::BM;
+  for (int c : p.counts) mt += C::SWAP ? swap_chunks(c) : (c + C::BM - 1) / C::BM;
   return mt * nt;
 }
 
@@ -296,20 +296,26 @@ GroupedGemmArgs prepare_variant(const Problem& p, const Buffers& b) {
     const int K = p.p0, N = p.p1;
     uint64_t da[2] = {(uint64_t)K, (uint64_t)b.a_rows_alloc};
     uint64_t sa[1] = {(uint64_t)K * 2};
-    uint32_t ba[2] = {64, 128};
+    uint32_t ba[2] = {64, C::SWAP ? (uint32_t)C::SWAP_BOX_ROWS : 128u};
     g.a = make_map(b.A, 2, da, sa, ba, f16);
     const int P = C::EPI == EPI_SWIGLU ? 2 : 1;
     const uint64_t Nh = (uint64_t)N / P;
     uint64_t db[4] = {(uint64_t)K, Nh, (uint64_t)P, (uint64_t)p.E};
     uint64_t sb[3] = {(uint64_t)K * 2, Nh * K * 2, (uint64_t)P * Nh * K * 2};
     uint32_t bb[4] = {64, (uint32_t)C::BN / 2, 1, 1};
+    if (C::SWAP && C::EPI == EPI_SWIGLU) {  // 8 gate rows + the same 8 up rows per box
+      bb[1] = 8;
+      bb[2] = 2;
+    } else if (C::SWAP) {
+      bb[1] = 128;
+    }
     g.b = make_map(b.B, 4, db, sb, bb, f16);
     g.k = K;
   } else if (C::MODE == MODE_DGRAD) {
     const int N = p.p0, Ko = p.p1;
     uint64_t da[2] = {(uint64_t)N, (uint64_t)b.a_rows_alloc};
     uint64_t sa[1] = {(uint64_t)N * 2};
-    uint32_t ba[2] = {64, 128};
+    uint32_t ba[2] = {64, C::SWAP ? (uint32_t)C::SWAP_BOX_ROWS : 128u};
     g.a = make_map(b.A, 2, da, sa, ba, f16);
     uint64_t db[3] = {(uint64_t)Ko, (uint64_t)N, (uint64_t)p.E};
     uint64_t sb[2] = {(uint64_t)Ko * 2, (uint64_t)N * Ko * 2};
@@ -424,6 +430,19 @@ static std::vector<Variant> all_variants() {
   T256(MODE_WGRAD, EPI_NONE, 1, 0, "t256x4");
   T256(MODE_WGRAD, EPI_NONE, 1, 1, "t256h");
 #undef T256
+  // swap-AB: weights on wgmma's M, tokens on N in chunks of <= 256 (multiples of 16)
+#define SWAPV(MODE, EPI, F16, H, NAME)                                                        \
+  v.push_back(make_variant<Config<MODE, 256, false, 4, EPI, F16, F16, 16, 1, H, false, false, \
+                                  false, 128, false, true>>(NAME))
+  SWAPV(MODE_FWD, EPI_NONE, false, 0, "swap");
+  SWAPV(MODE_FWD, EPI_NONE, false, 1, "swaph");
+  SWAPV(MODE_FWD, EPI_SWIGLU, false, 0, "swap");
+  SWAPV(MODE_FWD, EPI_SWIGLU, false, 1, "swaph");
+  SWAPV(MODE_FWD, EPI_GELU, false, 0, "swap");
+  SWAPV(MODE_FWD, EPI_NONE, true, 0, "swap");
+  SWAPV(MODE_DGRAD, EPI_NONE, false, 0, "swap");
+  SWAPV(MODE_DGRAD, EPI_NONE, false, 1, "swaph");
+#undef SWAPV
   // weight gradients with the TMA-store epilogue
   v.push_back(make_variant<Config<MODE_WGRAD, 256, false, 3, EPI_NONE, false, false, 16, 1, 0, false, false, false, 128, true>>("ts256x3"));
   v.push_back(make_variant<Config<MODE_WGRAD, 256, false, 3, EPI_NONE, false, false, 16, 1, 1, false, false, false, 128, true>>("ts256h"));
@@ -874,6 +893,7 @@ static std::vector<Problem> edge_problems() {
 // ------------------------------------------------------------------------------------------
 int main(int argc, char** argv) {
   bool small = false, timing = true;
+  int tokens = 8192;  // tokens routed per preset (rows = tokens x top-k)
   std::string json, only, variants;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
@@ -883,8 +903,9 @@ int main(int argc, char** argv) {
     else if (a == "--only" && i + 1 < argc) only = argv[++i];
     else if (a == "--iters" && i + 1 < argc) g_iters = atoi(argv[++i]);
     else if (a == "--variants" && i + 1 < argc) variants = "," + std::string(argv[++i]) + ",";
+    else if (a == "--tokens" && i + 1 < argc) tokens = atoi(argv[++i]);
     else {
-      fprintf(stderr, "usage: %s [--small] [--no-timing] [--json FILE] [--only SUBSTR] [--iters N] [--variants A,B,..]\n", argv[0]);
+      fprintf(stderr, "usage: %s [--small] [--no-timing] [--json FILE] [--only SUBSTR] [--iters N] [--variants A,B,..] [--tokens N]\n", argv[0]);
       return 2;
     }
   }
@@ -931,8 +952,8 @@ int main(int argc, char** argv) {
     run_problem(h, p, vars, false);
   }
   if (!small) {
-    printf("== presets (8192 tokens) ==\n");
-    for (const Problem& p : preset_problems(8192)) {
+    printf("== presets (%d tokens) ==\n", tokens);
+    for (const Problem& p : preset_problems(tokens)) {
       if (!only.empty() && p.name.find(only) == std::string::npos) continue;
       run_problem(h, p, vars, timing);
     }
@@ -951,8 +972,8 @@ int main(int argc, char** argv) {
   if (!json.empty()) {
     FILE* f = fopen(json.c_str(), "w");
     if (f) {
-      fprintf(f, "{\n  \"device\": \"%s\",\n  \"sms\": %d,\n  \"cublas_dense_8192_tflops\": %.2f,\n",
-              prop.name, g_sms, ceiling);
+      fprintf(f, "{\n  \"device\": \"%s\",\n  \"sms\": %d,\n  \"cublas_dense_8192_tflops\": %.2f,\n  \"tokens\": %d,\n",
+              prop.name, g_sms, ceiling, tokens);
       fprintf(f, "  \"iters\": %d,\n  \"failures\": %d,\n  \"checks\": [\n", g_iters, g_failures);
       for (size_t i = 0; i < g_results.size(); ++i) {
         const Result& r = g_results[i];

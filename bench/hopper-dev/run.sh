@@ -16,16 +16,18 @@ export PATH=/usr/local/cuda/bin:$PATH
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv > "$O/gpu.txt" 2>&1
 cat "$O/gpu.txt"
 STEPS=${STEPS:-"small rust full memcheck racecheck ncu"}
+# VARIANTS=a,b,..: only those kernel variants in the harness steps
+V=${VARIANTS:+--variants $VARIANTS}
 export COMET_CACHE_DIR=/tmp/comet-cache
 for s in $STEPS; do
   t0=$(date +%s)
   case $s in
-    small) timeout 40 "$D/hopper_dev" --small > "$O/small.log" 2>&1; rc=$? ;;
+    small) timeout 40 "$D/hopper_dev" --small $V > "$O/small.log" 2>&1; rc=$? ;;
     rust) timeout 60 "$D/comet_kernels_tests" --include-ignored --test-threads 1 --skip nvrtc_compiles sm90:: > "$O/rust.log" 2>&1; rc=$?
           timeout 40 compute-sanitizer --tool memcheck "$D/comet_kernels_tests" --include-ignored --test-threads 1 sm90::tests::bad_offsets sm90::tests::tile_order >> "$O/rust.log" 2>&1 || rc=$((rc+100)) ;;
-    full) timeout ${FULL_LIMIT:-130} "$D/hopper_dev" --iters ${ITERS:-20} --json "$O/hopper-gemm.json" > "$O/full.log" 2>&1; rc=$? ;;
-    memcheck) timeout 35 compute-sanitizer --tool memcheck --print-limit 20 "$D/hopper_dev" --small --only ${SAN_ONLY:-edge.} > "$O/memcheck.log" 2>&1; rc=$? ;;
-    racecheck) timeout 40 compute-sanitizer --tool racecheck --print-limit 20 "$D/hopper_dev" --small --only ${RACE_ONLY:-.ragged} > "$O/racecheck.log" 2>&1; rc=$? ;;
+    full) timeout ${FULL_LIMIT:-130} "$D/hopper_dev" $V ${ONLY:+--only $ONLY} ${TOKENS:+--tokens $TOKENS} --iters ${ITERS:-20} --json "$O/hopper-gemm.json" > "$O/full.log" 2>&1; rc=$? ;;
+    memcheck) timeout 35 compute-sanitizer --tool memcheck --print-limit 20 "$D/hopper_dev" --small $V --only ${SAN_ONLY:-edge.} > "$O/memcheck.log" 2>&1; rc=$? ;;
+    racecheck) timeout 40 compute-sanitizer --tool racecheck --print-limit 20 "$D/hopper_dev" --small $V --only ${RACE_ONLY:-.ragged} > "$O/racecheck.log" 2>&1; rc=$? ;;
     ncu) # cluster (+hint) vs single-CTA (+hint): Mixtral gemm1, DeepSeek gemm0
          M="--metrics dram__bytes_read.sum,dram__bytes_write.sum,lts__t_sector_hit_rate.pct,gpu__time_duration.sum"
          timeout 40 ncu --clock-control none --kernel-name regex:gg_kernel --launch-count 4 \

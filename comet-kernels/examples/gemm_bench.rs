@@ -439,7 +439,9 @@ fn main() -> Res<()> {
                 let chosen = Sm90Config::choose_for(kind, epi, e, rows, store);
                 sm90_configs
                     .iter()
-                    .filter(|(_, c)| c.validate(kind, epi).is_ok())
+                    .filter(|(_, c)| {
+                        c.validate(kind, epi).is_ok() && c.validate_store(kind, epi, store).is_ok()
+                    })
                     .map(|(n, c)| {
                         let mark = if *c == chosen { "*" } else { "" };
                         (format!("{n}{mark}"), None, Some(*c))

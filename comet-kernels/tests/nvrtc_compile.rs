@@ -224,7 +224,7 @@ fn sm90_variants() -> Vec<(Program, Defines, String)> {
                 }
                 // Store variants (bf16 inputs): f32 output, f32 accumulate, pre-activation.
                 for store in sm90_stores() {
-                    if store.validate(kind, epi).is_ok() {
+                    if cfg.validate_store(kind, epi, store).is_ok() {
                         v.push((
                             sm90::program(),
                             cfg.defines_store(kind, epi, false, store),

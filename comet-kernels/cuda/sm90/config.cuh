@@ -53,10 +53,19 @@ enum : int {
 ///  BM:       rows per tile: 128, or 256 (cooperative only, BN = 128): each consumer
 ///            warpgroup then owns 128 rows (two m64 blocks), so an expert of up to 256 rows
 ///            is one m-tile and each weight tile is read once for it.
+///  SWAP:     swap-AB (forward and dgrad; cooperative, BN = 256, single CTA, 16-bit output):
+///            the weights are wgmma's A (128 weight rows per tile, 64 per consumer
+///            warpgroup) and the tokens its B, so the tokens of an expert are split into
+///            near-equal chunks of at most 256 rows, each a multiple of 16 (see
+///            swap_chunk_rows), and each tile issues wgmma with N = its chunk rounded up to
+///            16: an expert of 257 rows costs 2 x 144 columns instead of 3 x 128 rows. The
+///            epilogue transposes through the staging tile. SwiGLU tiles load gate and up
+///            rows interleaved by 8 (box {64, 8, 2, 1}), so a thread holds both halves of
+///            its outputs; such a tile has 64 output columns, else 128.
 template <int MODE_, int BN_, bool PINGPONG_, int STAGES_, int EPI_, bool IN_F16_ = false,
           bool OUT_F16_ = false, int BAND_ = 16, int CLUSTER_ = 1, int L2HINT_ = 0,
           bool OUT_F32_ = false, bool ACCUM_ = false, bool AUX_ = false, int BM_ = 128,
-          bool TSTORE_ = false>
+          bool TSTORE_ = false, bool SWAP_ = false>
 struct Config {
   static constexpr int MODE = MODE_;
   static constexpr int BM = BM_;
@@ -74,16 +83,25 @@ struct Config {
   static constexpr bool ACCUM = ACCUM_;
   static constexpr bool AUX = AUX_;
   static constexpr bool TSTORE = TSTORE_;
+  static constexpr bool SWAP = SWAP_;
   static constexpr bool KGROUPED = MODE == MODE_WGRAD;
-  static constexpr bool A_MN = MODE == MODE_WGRAD;  // A stored M-major in shared memory
-  static constexpr bool B_MN = MODE != MODE_FWD;    // B stored N-major in shared memory
+  // wgmma's A stored M-major in shared memory: wgrad's A; swap-AB dgrad's weights
+  static constexpr bool A_MN = SWAP ? MODE == MODE_DGRAD : MODE == MODE_WGRAD;
+  // wgmma's B stored N-major: dgrad's weights and wgrad's B (swap-AB: tokens, K-major)
+  static constexpr bool B_MN = !SWAP && MODE != MODE_FWD;
 
   static constexpr int THREADS = 384;  // producer warpgroup + 2 consumer warpgroups
   static constexpr int MW = PINGPONG ? 2 : BM / 128;  // m64 blocks per consumer warpgroup
   /// Rows of a tile each consumer warpgroup owns in the cooperative schedule.
   static constexpr int WG_ROWS = BM / 2;
   static constexpr int ACC_N = BN / 2;         // f32 accumulators per thread per m64 block
-  static constexpr int OUT_BN = EPI == EPI_SWIGLU ? BN / 2 : BN;  // output columns per tile
+  /// Output columns per tile (SWAP: per weight tile of 128 accumulator rows).
+  static constexpr int OUT_BN =
+      SWAP ? (EPI == EPI_SWIGLU ? 64 : 128) : (EPI == EPI_SWIGLU ? BN / 2 : BN);
+  /// SWAP: output columns of a consumer warpgroup's 64 accumulator rows.
+  static constexpr int SWAP_WG_COLS = EPI == EPI_SWIGLU ? 32 : 64;
+  /// SWAP: token rows per TMA box of the activation operand.
+  static constexpr int SWAP_BOX_ROWS = 32;
   // Arrivals that free a stage: one per consuming warp; with clusters, the consuming warps of
   // both CTAs (every stage, shared or not: see grouped_gemm_cluster_roles).
   static constexpr int EMPTY_ARRIVALS = CLUSTER == 2 ? 16 : PINGPONG ? 4 : 8;
@@ -124,6 +142,9 @@ struct Config {
                 "pre-activation store: forward with an activation, 16-bit output");
   static_assert(!TSTORE || (MODE == MODE_WGRAD && !PINGPONG && CLUSTER == 1 && BM == 128),
                 "TMA-store epilogue: weight gradients, cooperative, single CTA, BM = 128");
+  static_assert(!SWAP || (MODE != MODE_WGRAD && BN == 256 && BM == 128 && !PINGPONG &&
+                          CLUSTER == 1 && !OUT_F32 && !TSTORE),
+                "swap-AB: forward/dgrad, cooperative 128 x 256, single CTA, 16-bit output");
   static_assert(!TSTORE || OUT_BN * (OUT_F32 ? 4 : 2) == TS_PASSES * 512 ||
                     OUT_BN * (OUT_F32 ? 4 : 2) == TS_PASSES * 256,
                 "TMA-store staging holds a pass of 64 rows");
@@ -135,6 +156,9 @@ struct Config {
 ///               dims {K, Nh, P, E}, box {64, BN/2, 1, 1}.
 /// Dgrad:    a = 2D map over A [rows, N], box {64, 128};
 ///           b = 3D map over B [E][N][Kout], dims {Kout, N, E}, box {64, 64, 1}.
+/// SWAP:     a = as above with box {64, SWAP_BOX_ROWS} (token chunks); b = forward: box
+///               {64, 128, 1, 1}, SwiGLU {64, 8, 2, 1} (8 gate rows, then the same 8 up
+///               rows); dgrad: as above.
 /// Wgrad:    a = 2D map over A [rows, M] (M = m_out), box {64, 64};
 ///           b = 2D map over B [rows, N] (N = n_out), box {64, 64};
 ///           out = [E][m_out][ldo].

@@ -66,20 +66,21 @@ __device__ __forceinline__ void row_scales(const GroupedGemmArgs& g, int grow0, 
 }
 
 /// Staging -> global for one 64-column chunk of 16-bit values: 64 rows x 8 chunks of 16
-/// bytes, 4 per thread, a row per 8 lanes. (The main store in epilogue_store keeps its own
+/// bytes, 4 per thread, a row per 8 lanes (CHUNKS = 4: 32 columns, 2 per thread). (The main store in epilogue_store keeps its own
 /// copy of this loop: routing it through here changes the SASS of the default kernels,
 /// which are the ones measured on the H200s.) Output column gcol0 + c (c < 64) of row
 /// grow0 + r lands at base[(grow0 + r) * ld + col_offset + gcol0 + c]; rows r >= rows_blk
 /// and columns gcol0 + c >= n_out are skipped.
-template <class C>
+template <class C, int CHUNKS = 8>
 __device__ __forceinline__ void staged_to_global(u32 stage, char* base, int ld, int col_offset,
                                                  int n_out, int grow0, int rows_blk, int gcol0,
                                                  int wtid) {
+  static_assert(CHUNKS == 8 || CHUNKS == 4, "64 or 32 staged columns");
 #pragma unroll
-  for (int it = 0; it < 4; ++it) {
+  for (int it = 0; it < CHUNKS / 2; ++it) {
     const int id = wtid + 128 * it;
-    const int row = id / 8;
-    const int c16 = id % 8;
+    const int row = id / CHUNKS;
+    const int c16 = id % CHUNKS;
     const int gcol = gcol0 + c16 * 8;
     if (row < rows_blk && gcol < n_out) {
       u32 x0, x1, x2, x3;
@@ -332,6 +333,93 @@ __device__ __forceinline__ void epilogue_store(const float (&acc)[C::MW][C::ACC_
           }
         }
       }
+      named_barrier_sync(bar_id, 128);
+    }
+  }
+}
+
+/// Config::SWAP: writes warpgroup `cw`'s part of a swap-AB tile. Its accumulator rows are
+/// output columns (SwiGLU: gate and up of the same 8 columns alternate every 8 rows, see
+/// load_stage) and its columns are the chunk's tokens, so each pass of 64 tokens goes
+/// fragment -> staging [token][column] (stmatrix .trans: 8 x 8 blocks transposed on the way)
+/// -> global (16-byte stores per row), first the pre-activation parts (AUX), then the
+/// output. Tokens past the chunk and columns past n_out are never written.
+template <class C>
+__device__ __forceinline__ void epilogue_swap(const float (&acc)[C::ACC_N],
+                                              const GroupedGemmArgs& g, const Tile& t, int cw,
+                                              u32 stage, int wtid, int bar_id) {
+  constexpr bool GLU = C::EPI == EPI_SWIGLU;
+  constexpr int WG_COLS = C::SWAP_WG_COLS;
+  constexpr int PARTS = C::AUX ? (GLU ? 3 : 2) : 1;  // aux gate/pre, aux up, output
+  const int warp = wtid / 32;
+  const int lane = wtid % 32;
+  const int tok = 2 * (lane % 4);  // first of the thread's token pair in an 8-token group
+  // stmatrix row address of this lane: matrix k = lane / 8, row lane % 8 of it
+  const int mk = lane / 8;
+  const int mrow = lane % 8;
+  const int col0 = t.n_block * C::OUT_BN + cw * WG_COLS;  // global column of WG column 0
+  char* out = reinterpret_cast<char*>(g.out);
+  char* aux = reinterpret_cast<char*>(g.aux);
+#pragma unroll
+  for (int pass = 0; pass < C::BN / 64; ++pass) {
+    const int rows_blk = t.rows - 64 * pass;
+    if (rows_blk <= 0) break;
+    const int grow0 = t.row_begin + 64 * pass;
+#pragma unroll
+    for (int part = 0; part < PARTS; ++part) {
+      const bool is_out = part == PARTS - 1;
+      // packed (token n, token n + 1) pairs of 8-token group jj: SwiGLU one per group
+      // (column 8 warp + lane / 4), else two (columns 16 warp + lane / 4 and + 8)
+      u32 pk[GLU ? 8 : 16];
+#pragma unroll
+      for (int jj = 0; jj < 8; ++jj) {
+        const int n = 8 * jj + tok;  // token in the pass
+        const float* a = &acc[4 * (8 * pass + jj)];
+        float s0 = 1.0f, s1 = 1.0f;
+        if (is_out && g.row_scale != nullptr) {
+          if (n < rows_blk) s0 = g.row_scale[grow0 + n];
+          if (n + 1 < rows_blk) s1 = g.row_scale[grow0 + n + 1];
+        }
+        if (GLU) {
+          if (!is_out) {  // aux: gate (part 0) or up (part 1), unscaled
+            pk[jj] = part == 0 ? pack_in<C>(a[0], a[1]) : pack_in<C>(a[2], a[3]);
+          } else {
+            pk[jj] = pack_out<C>(silu_f(a[0]) * a[2] * s0, silu_f(a[1]) * a[3] * s1);
+          }
+        } else if (!is_out) {  // GeLU input, unscaled
+          pk[2 * jj] = pack_in<C>(a[0], a[1]);
+          pk[2 * jj + 1] = pack_in<C>(a[2], a[3]);
+        } else {
+          float v[4];
+#pragma unroll
+          for (int q = 0; q < 4; ++q) v[q] = C::EPI == EPI_GELU ? gelu_erf_f(a[q]) : a[q];
+          pk[2 * jj] = pack_out<C>(v[0] * s0, v[1] * s1);
+          pk[2 * jj + 1] = pack_out<C>(v[2] * s0, v[3] * s1);
+        }
+      }
+      if (GLU) {
+        // matrix k of call h: tokens 8 (4h + k) .. + 8, columns 8 warp .. + 8
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int token = 8 * (4 * h + mk) + mrow;
+          stmatrix_x4_trans(stage + (u32)(token * C::EPI_PITCH + 16 * warp), pk[4 * h],
+                            pk[4 * h + 1], pk[4 * h + 2], pk[4 * h + 3]);
+        }
+      } else {
+        // matrix k of call h: tokens 8 (2h + k / 2) .., columns 16 warp + 8 (k % 2) ..
+#pragma unroll
+        for (int h = 0; h < 4; ++h) {
+          const int token = 8 * (2 * h + mk / 2) + mrow;
+          stmatrix_x4_trans(stage + (u32)(token * C::EPI_PITCH + 2 * (16 * warp + 8 * (mk % 2))),
+                            pk[4 * h], pk[4 * h + 1], pk[4 * h + 2], pk[4 * h + 3]);
+        }
+      }
+      named_barrier_sync(bar_id, 128);
+      char* base = is_out ? out : aux;
+      const int ld = is_out ? g.ldo : g.ldaux;
+      const int col_offset = (!is_out && part == 1) ? g.n_out : 0;
+      staged_to_global<C, WG_COLS / 8>(stage, base, ld, col_offset, g.n_out, grow0, rows_blk,
+                                       col0, wtid);
       named_barrier_sync(bar_id, 128);
     }
   }

@@ -83,7 +83,7 @@ __device__ __forceinline__ void grouped_gemm(const GroupedGemmArgs& g, const Hoo
   int* s_off = reinterpret_cast<int*>(gbase + C::OFF_SCHED);
   int* s_pref = s_off + (g.num_experts + 1);
   const Ring<C> ring{base};
-  using Sched = GroupedScheduler<C::BM, C::BAND, C::KGROUPED>;
+  using Sched = GroupedScheduler<C::BM, C::BAND, C::KGROUPED, C::SWAP>;
 
   if (threadIdx.x == 0) {
     for (int s = 0; s < C::STAGES; ++s) {
@@ -147,6 +147,10 @@ __device__ __forceinline__ void grouped_gemm(const GroupedGemmArgs& g, const Hoo
       consumer_mainloop<C>(acc, ring, pos, t, 0, active, wtid, 1 + cw, 128);
       if (sched.has_tile_after(slot)) named_barrier_arrive(cw == 0 ? 4 : 5, 256);
       epilogue_store<C>(acc, g, t, t.row_begin, t.rows, stage, wtid, 1 + cw);
+    } else if constexpr (C::SWAP) {
+      float acc[C::ACC_N];
+      swap_mainloop<C>(acc, ring, pos, t, cw);
+      epilogue_swap<C>(acc, g, t, cw, stage, wtid, 1 + cw);
     } else {
       float acc[C::MW][C::ACC_N];
       const int rows_wg = t.rows - C::WG_ROWS * cw;

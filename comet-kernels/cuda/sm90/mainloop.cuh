@@ -56,9 +56,36 @@ __device__ __forceinline__ void load_stage(const GroupedGemmArgs& g, const Ring<
                                            int s, const Tile& t, int kb, u64 pol_a, u64 pol_b,
                                            bool mc = false, int rank = 0) {
   const u32 bar = ring.full(s);
-  mbar_arrive_expect_tx(bar, C::STAGE_BYTES);
   const u32 sa = ring.a(s);
   const u32 sb = ring.b(s);
+  if (C::SWAP) {
+    // wgmma's A: 128 weight rows; B: the chunk's tokens in boxes of SWAP_BOX_ROWS rows (the
+    // rows past the chunk that wgmma's N rounds up to are loaded too, and never stored).
+    const int kc = kb * C::BK;
+    const int boxes = (t.rows + C::SWAP_BOX_ROWS - 1) / C::SWAP_BOX_ROWS;
+    mbar_arrive_expect_tx(bar, C::A_STAGE_BYTES + boxes * C::SWAP_BOX_ROWS * C::BK * 2);
+    if (C::MODE == MODE_FWD && C::EPI == EPI_SWIGLU) {
+      // 8 groups of {8 gate rows, the same 8 up rows}: box {64, 8, 2, 1}, 2 KiB each
+#pragma unroll
+      for (int gi = 0; gi < 8; ++gi) {
+        tma_load_4d(sa + gi * 2048, &g.b, bar, kc, t.n_block * 64 + 8 * gi, 0, t.expert, pol_b);
+      }
+    } else if (C::MODE == MODE_FWD) {
+      tma_load_4d(sa, &g.b, bar, kc, t.n_block * 128, 0, t.expert, pol_b);  // box {64, 128}
+    } else {
+      // dgrad: B [e][N][Kout] M-major, two boxes of 64 Kout columns x 64 reduction rows
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        tma_load_3d(sa + j * 8192, &g.b, bar, t.n_block * 128 + 64 * j, kc, t.expert, pol_b);
+      }
+    }
+    for (int i = 0; i < boxes; ++i) {
+      tma_load_2d(sb + i * (C::SWAP_BOX_ROWS * 128), &g.a, bar, kc,
+                  t.row_begin + C::SWAP_BOX_ROWS * i, pol_a);
+    }
+    return;
+  }
+  mbar_arrive_expect_tx(bar, C::STAGE_BYTES);
   if (C::MODE == MODE_FWD) {
     const int kc = kb * C::BK;
 #pragma unroll
@@ -301,6 +328,63 @@ __device__ __forceinline__ void consumer_mainloop(float (&acc)[C::MW][C::ACC_N],
 #pragma unroll
       for (int i = 0; i < C::ACC_N; ++i) acc[mb][i] = 0.f;
     }
+  }
+}
+
+/// Swap-AB consumer mainloop with wgmma N = N_ (the tile's chunk rounded up to 16): the
+/// warpgroup's 64 weight rows (A block `ablk`) times the chunk's tokens. acc[N_/2 ..] are
+/// left as they are (columns past the chunk, never stored).
+template <class C, int N_>
+__device__ __forceinline__ void swap_mainloop_n(float (&acc)[C::ACC_N], const Ring<C>& ring,
+                                                RingPos& pos, int kbs, int ablk) {
+  static_assert(N_ % 16 == 0 && N_ <= C::BN, "swap-AB wgmma N");
+  float(&d)[N_ / 2] = *reinterpret_cast<float(*)[N_ / 2]>(&acc[0]);
+  const u32 lane = threadIdx.x % 32;
+  int prev = 0;
+  for (int kb = 0; kb < kbs; ++kb) {
+    mbar_wait(ring.full(pos.stage), pos.phase);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < C::BK / 16; ++kk) {
+      Wgmma<N_, C::IN_F16, C::A_MN ? 1 : 0, 0>::mma(d, desc_a<C>(ring, pos.stage, ablk, kk),
+                                                   desc_b<C>(ring, pos.stage, kk),
+                                                   (kb | kk) != 0);
+    }
+    wgmma_commit();
+    wgmma_wait<1>();
+    if (kb > 0 && lane == 0) release_stage<C>(ring, prev, RELEASE_LOCAL, 0);
+    prev = pos.stage;
+    pos.template advance<C::STAGES>(1);
+  }
+  wgmma_wait<0>();
+#pragma unroll
+  for (int i = 0; i < N_ / 2; ++i) reg_fence(d[i]);
+  if (kbs > 0 && lane == 0) release_stage<C>(ring, prev, RELEASE_LOCAL, 0);
+  if (kbs == 0) {  // K = 0: the product is zero
+#pragma unroll
+    for (int i = 0; i < N_ / 2; ++i) d[i] = 0.f;
+  }
+}
+
+/// Swap-AB consumer mainloop for tile t: dispatches on the chunk's wgmma N (a multiple of
+/// 16; one instantiation each, so the branch is taken once per tile and is warp-uniform).
+template <class C>
+__device__ __forceinline__ void swap_mainloop(float (&acc)[C::ACC_N], const Ring<C>& ring,
+                                              RingPos& pos, const Tile& t, int cw) {
+  const int kbs = (t.k_len + C::BK - 1) / C::BK;
+  switch ((t.rows + 15) / 16) {
+#define COMET_SWAP_CASE(I) \
+  case I:                  \
+    swap_mainloop_n<C, 16 * I>(acc, ring, pos, kbs, cw); \
+    break;
+    COMET_SWAP_CASE(1) COMET_SWAP_CASE(2) COMET_SWAP_CASE(3) COMET_SWAP_CASE(4)
+    COMET_SWAP_CASE(5) COMET_SWAP_CASE(6) COMET_SWAP_CASE(7) COMET_SWAP_CASE(8)
+    COMET_SWAP_CASE(9) COMET_SWAP_CASE(10) COMET_SWAP_CASE(11) COMET_SWAP_CASE(12)
+    COMET_SWAP_CASE(13) COMET_SWAP_CASE(14) COMET_SWAP_CASE(15)
+    default:
+      swap_mainloop_n<C, 256>(acc, ring, pos, kbs, cw);
+      break;
+#undef COMET_SWAP_CASE
   }
 }
 

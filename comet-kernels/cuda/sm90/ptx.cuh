@@ -341,6 +341,16 @@ __device__ __forceinline__ u32 pack_f16x2(float lo, float hi) {
   return r;
 }
 
+/// Four 8x8 16-bit matrices from fragments to shared memory, transposed: register k of
+/// lane i holds elements (i / 4, 2 (i % 4) + {0, 1}) of matrix k; they land at row
+/// 2 (i % 4) + {0, 1}, element i / 4 of the matrix whose 8 row addresses (16 bytes each,
+/// 16-byte aligned) lanes 8k .. 8k + 7 give.
+__device__ __forceinline__ void stmatrix_x4_trans(u32 addr, u32 r0, u32 r1, u32 r2, u32 r3) {
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};" ::"r"(
+                   addr),
+               "r"(r0), "r"(r1), "r"(r2), "r"(r3)
+               : "memory");
+}
 __device__ __forceinline__ void st_shared_u32(u32 addr, u32 v) {
   asm volatile("st.shared.b32 [%0], %1;" ::"r"(addr), "r"(v) : "memory");
 }

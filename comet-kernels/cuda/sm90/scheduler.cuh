@@ -45,11 +45,30 @@ __device__ __forceinline__ void report_error(int* flag, int code) {
   if (flag != nullptr) atomicCAS(flag, 0, code);
 }
 
+/// Swap-AB (Config::SWAP) token chunks: an expert of r > 0 rows is split into chunks of
+/// swap_chunk_rows(r) rows (the last one shorter): at most 256, a multiple of 16, and as
+/// near-equal as that allows (r = 257 -> 144 + 113; r = 546 -> 192 + 192 + 162).
+/// Mirrored by the Rust launcher (comet-kernels/src/sm90/config.rs): keep them in sync.
+__host__ __device__ __forceinline__ int swap_chunk_rows(int r) {
+  const int n0 = (r + 255) / 256;
+  const int c = ((r + n0 - 1) / n0 + 15) & ~15;
+  return c < 256 ? c : 256;
+}
+/// Token chunks of an expert with r rows (0 for r <= 0).
+__host__ __device__ __forceinline__ int swap_chunks(int r) {
+  if (r <= 0) return 0;
+  const int c = swap_chunk_rows(r);
+  return (r + c - 1) / c;
+}
+
 /// Shared-memory state of the scheduler: row offsets and m-tile prefix sums, E + 1 each.
-template <int BM, int BAND, bool KGROUPED>
+/// SWAP: an expert's "m-tiles" are its token chunks (swap_chunks) and its n-tiles the weight
+/// tiles; every chunk of an n-tile is visited before the next n-tile (no bands), so the
+/// chunks that share a weight tile run at about the same time.
+template <int BM, int BAND, bool KGROUPED, bool SWAP = false>
 struct GroupedScheduler {
   const int* s_off;   // [E + 1] row offsets (copied from global)
-  const int* s_pref;  // [E + 1] exclusive prefix of m-tiles per expert (row-grouped)
+  const int* s_pref;  // [E + 1] exclusive prefix of m-tiles (SWAP: chunks) per expert
   const int* order;   // optional tile order (global)
   int num_experts;
   int n_tiles;        // n-tiles per expert
@@ -90,7 +109,7 @@ struct GroupedScheduler {
           const int o1 = min(max(r1, 0), rows_cap);
           smem_off[e] = o0;
           if (r0 != o0 || r1 != o1 || o1 < o0) report_error(err, ERR_BAD_OFFSETS);
-          mt = o1 > o0 ? (o1 - o0 + BM - 1) / BM : 0;
+          mt = SWAP ? swap_chunks(o1 - o0) : o1 > o0 ? (o1 - o0 + BM - 1) / BM : 0;
         }
         int incl = mt;
 #pragma unroll
@@ -148,6 +167,20 @@ struct GroupedScheduler {
       e = lo;
       local = c - s_pref[e] * n_tiles;
       mt = s_pref[e + 1] - s_pref[e];
+    }
+    if (SWAP) {
+      const int r = s_off[e + 1] - s_off[e];
+      const int n = local / mt;
+      const int m = local - n * mt;
+      const int cs = swap_chunk_rows(r);
+      t.expert = e;
+      t.m_block = m;
+      t.n_block = n;
+      t.row_begin = s_off[e] + m * cs;
+      t.rows = min(cs, r - m * cs);  // >= 1 (swap_chunks)
+      t.k_begin = 0;
+      t.k_len = k;
+      return true;
     }
     const int band = local / (BAND * n_tiles);
     const int r = local - band * BAND * n_tiles;

@@ -70,7 +70,40 @@ pub struct Sm90Config {
     /// a reduce-add in L2), so the consumers start the next tile's mainloop while the store
     /// drains. The staging takes 64 KiB: at most 3 stages of 128x256.
     pub tma_store: bool,
+    /// Swap-AB (forward and dgrad; cooperative 128x256, single CTA, 16-bit C): the weights
+    /// are wgmma's A, 128 weight rows per tile, and the tokens its B, so an expert's tokens
+    /// split into chunks of at most 256 rows ([`swap_chunk_rows`]) and each tile runs wgmma
+    /// with N = its chunk rounded up to 16 instead of padding the expert to 128-row tiles.
+    /// The epilogue transposes through shared memory (`stmatrix .trans`). A tile has 128
+    /// output columns (SwiGLU: 64, gate and up rows loaded interleaved by 8).
+    pub swap: bool,
 }
+
+/// Swap-AB token chunk of an expert with `rows > 0` rows: at most 256, a multiple of 16, as
+/// near-equal as that allows (257 rows: 144 + 113; 546: 192 + 192 + 162). Mirror of
+/// `swap_chunk_rows` in `cuda/sm90/scheduler.cuh`.
+pub fn swap_chunk_rows(rows: usize) -> usize {
+    let n0 = rows.div_ceil(256).max(1);
+    (rows.div_ceil(n0).div_ceil(16) * 16).min(256)
+}
+
+/// Swap-AB token chunks of an expert with `rows` rows (0 for none).
+pub fn swap_chunks(rows: usize) -> usize {
+    if rows == 0 {
+        0
+    } else {
+        rows.div_ceil(swap_chunk_rows(rows))
+    }
+}
+
+/// Rows per expert (on average) from which [`Sm90Config::choose`] picks swap-AB. Below it the
+/// GEMMs stream their weights from DRAM whatever the tile (each weight byte feeds fewer than
+/// 2 x 96 FLOPs), and swap-AB measured 1–6% slower at 64 rows per expert.
+pub const SWAP_MIN_ROWS: usize = 96;
+/// Rows per expert (on average) up to which [`Sm90Config::choose`] picks swap-AB.
+pub const SWAP_MAX_ROWS: usize = 160;
+/// Token rows per TMA box of a swap-AB tile's B operand (`Config::SWAP_BOX_ROWS`).
+pub const SWAP_BOX_ROWS: u32 = 32;
 
 /// Rows of a forward/dgrad A tensor-map box (two m64 wgmma blocks); also the rows per tile
 /// of every named configuration but [`Sm90Config::TALL_256`] and
@@ -92,6 +125,7 @@ impl Sm90Config {
         band: 16,
         l2_hint: false,
         tma_store: false,
+        swap: false,
     };
     /// 128x256 cooperative, 4 stages, 2-CTA clusters with weight-tile multicast.
     pub const COOP_256_C2: Sm90Config = Sm90Config {
@@ -108,6 +142,7 @@ impl Sm90Config {
         band: 16,
         l2_hint: false,
         tma_store: false,
+        swap: false,
     };
     /// 128x128 cooperative, 6 stages.
     pub const COOP_128: Sm90Config = Sm90Config {
@@ -119,6 +154,7 @@ impl Sm90Config {
         band: 16,
         l2_hint: false,
         tma_store: false,
+        swap: false,
     };
     /// 256x128 cooperative, 4 stages: each consumer warpgroup owns 128 rows (two m64
     /// blocks); an expert of up to 256 rows is a single m-tile.
@@ -141,8 +177,17 @@ impl Sm90Config {
         ..Sm90Config::COOP_256
     };
 
-    /// The named configurations (benchmarks, tests; `ts256h` is for weight gradients only).
-    pub const ALL: [(&'static str, Sm90Config); 7] = [
+    /// Swap-AB 128x256 cooperative, 4 stages, L2 hints: forward and dgrad at few rows per
+    /// expert (see [`Sm90Config::choose`]).
+    pub const SWAP_256H: Sm90Config = Sm90Config {
+        l2_hint: true,
+        swap: true,
+        ..Sm90Config::COOP_256
+    };
+
+    /// The named configurations (benchmarks, tests; `ts256h` is for weight gradients only,
+    /// `swap256h` for forward and dgrad only).
+    pub const ALL: [(&'static str, Sm90Config); 8] = [
         ("coop256x4", Sm90Config::COOP_256),
         ("c2coop256", Sm90Config::COOP_256_C2),
         ("pp128x6", Sm90Config::PINGPONG_128),
@@ -150,14 +195,27 @@ impl Sm90Config {
         ("t256x4", Sm90Config::TALL_256),
         ("c2t256", Sm90Config::TALL_256_C2),
         ("ts256h", Sm90Config::WGRAD_TS),
+        ("swap256h", Sm90Config::SWAP_256H),
     ];
 
-    /// Output columns per tile (SwiGLU pairs gate and up columns: half the accumulators).
+    /// Output columns per tile (SwiGLU pairs gate and up columns: half the accumulators;
+    /// swap-AB: 128 weight rows, SwiGLU 64).
     pub fn out_bn(&self, epilogue: Epilogue) -> u32 {
-        if epilogue == Epilogue::SwiGlu {
-            self.bn / 2
+        match (self.swap, epilogue == Epilogue::SwiGlu) {
+            (true, true) => 64,
+            (true, false) => 128,
+            (false, true) => self.bn / 2,
+            (false, false) => self.bn,
+        }
+    }
+
+    /// Row tiles of an expert with `rows` rows (forward/dgrad): `ceil(rows / bm)`, or its
+    /// swap-AB token chunks. The scheduler's canonical order has these times the n-tiles.
+    pub fn m_tiles(&self, rows: usize) -> usize {
+        if self.swap {
+            swap_chunks(rows)
         } else {
-            self.bn
+            rows.div_ceil(self.bm as usize)
         }
     }
 
@@ -197,6 +255,19 @@ impl Sm90Config {
                  one CTA per cluster and bm = 128",
             );
         }
+        if self.swap
+            && (kind == GemmKind::Wgrad
+                || self.schedule != Schedule::Cooperative
+                || self.bm != 128
+                || self.bn != 256
+                || self.cluster != 1
+                || self.tma_store)
+        {
+            return bad(
+                "swap-AB is for forward/dgrad with the cooperative schedule, bm = 128, \
+                 bn = 256 and one CTA per cluster",
+            );
+        }
         if self.bm == 256 && (self.schedule != Schedule::Cooperative || self.bn != 128) {
             return bad(
                 "bm = 256 needs the cooperative schedule and bn = 128 (each consumer warpgroup \
@@ -223,6 +294,23 @@ impl Sm90Config {
         }
         if epilogue != Epilogue::None && kind != GemmKind::Forward {
             return bad("activations are forward-only");
+        }
+        Ok(())
+    }
+
+    /// Checks `store` for this configuration: [`Sm90Store::validate`], and swap-AB stores
+    /// 16-bit only (its epilogue transposes 16-bit values through shared memory).
+    pub fn validate_store(
+        &self,
+        kind: GemmKind,
+        epilogue: Epilogue,
+        store: Sm90Store,
+    ) -> Result<()> {
+        store.validate(kind, epilogue)?;
+        if self.swap && store.f32_out {
+            return Err(Error::Invalid(format!(
+                "sm90 store {store:?}: swap-AB stores a 16-bit C only"
+            )));
         }
         Ok(())
     }
@@ -293,6 +381,9 @@ impl Sm90Config {
         if self.tma_store {
             put("SM90_TSTORE", 1);
         }
+        if self.swap {
+            put("SM90_SWAP", 1);
+        }
         put("SM90_SMEM_ONE_EXPERT", self.smem_bytes(1));
         d
     }
@@ -305,9 +396,24 @@ impl Sm90Config {
     /// CTAs with hints and the TMA-store epilogue ([`Sm90Config::WGRAD_TS`]: best on 6 of the
     /// 8 preset weight gradients in bf16, +6% Mixtral wgrad0, +10% DeepSeek-V3, −6% Phi-3.5
     /// wgrad0; `bench/results/2026-11-29-s2-hopper-wgrad-tmastore-h200.json`).
-    pub fn choose(kind: GemmKind, _epilogue: Epilogue, groups: usize, rows: usize) -> Self {
-        let streamed_weights = rows / groups.max(1) <= 384;
+    ///
+    /// From [`SWAP_MIN_ROWS`] to [`SWAP_MAX_ROWS`] rows per expert, forward and dgrad GEMMs
+    /// without SwiGLU run swap-AB ([`Sm90Config::SWAP_256H`]; 16-bit C only:
+    /// [`Sm90Config::choose_for`] knows the store): at 128 rows per expert (Qwen2-MoE at 2048
+    /// tokens, DeepSeek-V3 at 4096) it was 2–18% faster on 7 of those 8 GEMMs and 1% slower
+    /// on one; at 64 (DeepSeek-V3, 2048 tokens, DRAM-bound) 1–6% slower on three of four.
+    /// SwiGLU stays on clusters: swap-AB lost 9% on DeepSeek-V3 there
+    /// (`bench/results/2026-11-29-s3-*`, `bench/hopper-dev/NOTES.md` session 3).
+    pub fn choose(kind: GemmKind, epilogue: Epilogue, groups: usize, rows: usize) -> Self {
+        let per_expert = rows / groups.max(1);
+        let streamed_weights = per_expert <= 384;
         match kind {
+            GemmKind::Forward | GemmKind::Dgrad
+                if (SWAP_MIN_ROWS..=SWAP_MAX_ROWS).contains(&per_expert)
+                    && epilogue != Epilogue::SwiGlu =>
+            {
+                Sm90Config::SWAP_256H
+            }
             GemmKind::Forward | GemmKind::Dgrad => Sm90Config {
                 l2_hint: streamed_weights,
                 ..Sm90Config::COOP_256_C2
@@ -321,7 +427,8 @@ impl Sm90Config {
     /// ([`Sm90Config::COOP_256`]); that is 8–14% faster than the TMA reduce-add on DeepSeek-V3
     /// (wgrad1.acc 164 against 144 TFLOP/s, wgrad0.acc 155 against 142). A first backward
     /// overwrites instead and keeps the TMA store, which is 8% faster there (270 against 249).
-    /// Measured in `bench/results/2026-11-29-s2-hopper-wgrad-final-h200.json`.
+    /// Measured in `bench/results/2026-11-29-s2-hopper-wgrad-final-h200.json`. An f32 C
+    /// of a forward/dgrad GEMM never runs swap-AB (its epilogue stores 16-bit only).
     pub fn choose_for(
         kind: GemmKind,
         epilogue: Epilogue,
@@ -329,10 +436,18 @@ impl Sm90Config {
         rows: usize,
         store: Sm90Store,
     ) -> Self {
-        if kind == GemmKind::Wgrad && store.accumulate && rows / groups.max(1) <= 384 {
+        let per_expert = rows / groups.max(1);
+        if kind == GemmKind::Wgrad && store.accumulate && per_expert <= 384 {
             return Sm90Config::COOP_256;
         }
-        Sm90Config::choose(kind, epilogue, groups, rows)
+        let c = Sm90Config::choose(kind, epilogue, groups, rows);
+        if c.swap && store.f32_out {
+            return Sm90Config {
+                l2_hint: true,
+                ..Sm90Config::COOP_256_C2
+            };
+        }
+        c
     }
 }
 
@@ -366,8 +481,9 @@ mod tests {
                     "{name}"
                 );
             }
+            // Weight gradients: single CTAs, not swap-AB (its tokens are wgmma's N).
             let w = c.validate(GemmKind::Wgrad, Epilogue::None);
-            assert_eq!(w.is_ok(), c.cluster == 1, "{name}");
+            assert_eq!(w.is_ok(), c.cluster == 1 && !c.swap, "{name}");
             let swiglu = c.validate(GemmKind::Forward, Epilogue::SwiGlu);
             assert_eq!(
                 swiglu.is_ok(),
@@ -559,6 +675,111 @@ mod tests {
     }
 
     #[test]
+    fn swap_chunks_cover_every_expert() {
+        assert_eq!((swap_chunk_rows(257), swap_chunks(257)), (144, 2));
+        assert_eq!((swap_chunk_rows(546), swap_chunks(546)), (192, 3));
+        assert_eq!((swap_chunk_rows(1000), swap_chunks(1000)), (256, 4));
+        assert_eq!((swap_chunk_rows(1), swap_chunks(1)), (16, 1));
+        assert_eq!(swap_chunks(0), 0);
+        for r in 1..=6000 {
+            let (cs, n) = (swap_chunk_rows(r), swap_chunks(r));
+            assert!(cs % 16 == 0 && (16..=256).contains(&cs), "{r}: chunk {cs}");
+            // every chunk holds rows; together they hold all of them
+            assert!((n - 1) * cs < r && n * cs >= r, "{r}: {n} x {cs}");
+            // no more chunks than 256-row tiles (the plan's tile bound relies on it)
+            assert!(n <= r.div_ceil(256), "{r}: {n} chunks");
+        }
+    }
+
+    #[test]
+    fn swap_ab_is_chosen_for_few_rows_per_expert() {
+        let (f, d, w) = (GemmKind::Forward, GemmKind::Dgrad, GemmKind::Wgrad);
+        let none = Epilogue::None;
+        for kind in [f, d] {
+            // DeepSeek-V3 at 4096 tokens: 128 rows per expert; at 8192, 256.
+            assert_eq!(
+                Sm90Config::choose(kind, none, 256, 32768),
+                Sm90Config::SWAP_256H
+            );
+            assert!(!Sm90Config::choose(kind, none, 256, 65536).swap);
+        }
+        assert!(Sm90Config::choose(f, Epilogue::Gelu, 64, 8192).swap);
+        // DeepSeek-V3 at 2048 tokens (64 rows per expert, DRAM-bound) and tiny batches:
+        // the clusters.
+        for rows in [16384, 256] {
+            assert!(!Sm90Config::choose(f, none, 256, rows).swap, "{rows}");
+        }
+        assert!(!Sm90Config::choose(f, Epilogue::SwiGlu, 64, 8192).swap);
+        assert!(!Sm90Config::choose(w, none, 64, 8192).swap);
+        // An f32 C stays on clusters (swap-AB stores 16-bit only).
+        let f32_out = Sm90Store {
+            f32_out: true,
+            ..Default::default()
+        };
+        let c = Sm90Config::choose_for(f, none, 64, 8192, f32_out);
+        assert!(!c.swap);
+        c.validate_store(f, none, f32_out).unwrap();
+        assert!(Sm90Config::choose_for(f, none, 64, 8192, Sm90Store::default()).swap);
+    }
+
+    #[test]
+    fn swap_ab_rules() {
+        let s = Sm90Config::SWAP_256H;
+        for epi in [Epilogue::None, Epilogue::SwiGlu, Epilogue::Gelu] {
+            s.validate(GemmKind::Forward, epi).unwrap();
+        }
+        s.validate(GemmKind::Dgrad, Epilogue::None).unwrap();
+        assert_eq!(
+            (s.out_bn(Epilogue::None), s.out_bn(Epilogue::SwiGlu)),
+            (128, 64)
+        );
+        assert_eq!((s.m_tiles(257), Sm90Config::COOP_256.m_tiles(257)), (2, 3));
+        let msg = s
+            .validate(GemmKind::Wgrad, Epilogue::None)
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("swap-AB"), "{msg}");
+        for bad in [
+            Sm90Config { cluster: 2, ..s },
+            Sm90Config { bn: 128, ..s },
+            Sm90Config {
+                schedule: Schedule::PingPong,
+                bn: 128,
+                ..s
+            },
+            Sm90Config {
+                bm: 256,
+                bn: 128,
+                ..s
+            },
+        ] {
+            assert!(
+                bad.validate(GemmKind::Forward, Epilogue::None).is_err(),
+                "{bad:?}"
+            );
+        }
+        let f32_out = Sm90Store {
+            f32_out: true,
+            ..Default::default()
+        };
+        let msg = s
+            .validate_store(GemmKind::Forward, Epilogue::None, f32_out)
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("16-bit"), "{msg}");
+        let d = s.defines(GemmKind::Dgrad, Epilogue::None, false, false);
+        assert_eq!(
+            (d["SM90_SWAP"].as_str(), d["SM90_L2HINT"].as_str()),
+            ("1", "1")
+        );
+        assert!(
+            !Sm90Config::COOP_256
+                .defines(GemmKind::Forward, Epilogue::None, false, false)
+                .contains_key("SM90_SWAP")
+        );
+    }
+
+    #[test]
     fn choice_is_valid_for_its_problem() {
         for kind in [GemmKind::Forward, GemmKind::Dgrad, GemmKind::Wgrad] {
             for (groups, rows) in [(8, 16384), (64, 32768), (16, 16384), (256, 65536), (1, 7)] {
@@ -659,7 +880,7 @@ mod tests {
             ("256", "2")
         );
         // 128-row tiles add no SM90_BM: their specialisations keep exactly their macros.
-        let plain_128 = |c: &Sm90Config| c.bm == 128 && !c.tma_store;
+        let plain_128 = |c: &Sm90Config| c.bm == 128 && !c.tma_store && !c.swap;
         for (name, c) in Sm90Config::ALL.into_iter().filter(|(_, c)| plain_128(c)) {
             for kind in [GemmKind::Forward, GemmKind::Dgrad] {
                 let d = c.defines(kind, Epilogue::None, false, false);

@@ -4,7 +4,7 @@ use std::ffi::c_void;
 
 use cudarc::driver::{DriverError, sys};
 
-use super::config::{BK, BM, Schedule, Sm90Config, Sm90Store, THREADS};
+use super::config::{BK, BM, SWAP_BOX_ROWS, Schedule, Sm90Config, Sm90Store, THREADS};
 use super::tma::{TileMap, TmaDescriptor};
 use crate::buffer::{DType, DeviceTensor};
 use crate::cache::{Arch, Defines, Program};
@@ -171,6 +171,9 @@ pub fn plan(d: &Sm90Desc, smem_optin: usize) -> Result<Sm90Plan> {
     let dims = check_shapes(d.kind, d.epilogue, &d.a, &d.b, &d.c, groups, rules)?;
     let rows_cap = dims.rows_cap;
     let esize = elem.size() as u64;
+    // Token boxes: 128 rows (a tile of `bm` rows loads `bm / 128`), or swap-AB's chunks of
+    // SWAP_BOX_ROWS.
+    let token_box = if d.config.swap { SWAP_BOX_ROWS } else { BM };
     let (k, n_out, m_out, a_map, b_map);
     match d.kind {
         GemmKind::Forward => {
@@ -180,11 +183,17 @@ pub fn plan(d: &Sm90Desc, smem_optin: usize) -> Result<Sm90Plan> {
             k = bk;
             n_out = dims.out_cols;
             m_out = 0;
-            // Boxes of BM = 128 rows: a tile of `bm` rows loads `bm / 128` of them.
             a_map = TileMap {
                 dims: vec![bk as u64, rows_cap as u64],
                 strides: vec![bk as u64 * esize],
-                box_dims: vec![BK, BM],
+                box_dims: vec![BK, token_box],
+            };
+            // Weight boxes: half an n-tile; swap-AB 128 weight rows, or with SwiGLU 8 gate
+            // rows and the same 8 up rows (eight boxes per tile, interleaved).
+            let b_box = match (d.config.swap, parts) {
+                (true, 2) => vec![BK, 8, 2, 1],
+                (true, _) => vec![BK, 128, 1, 1],
+                (false, _) => vec![BK, d.config.bn / 2, 1, 1],
             };
             b_map = TileMap {
                 dims: vec![bk as u64, nh, parts as u64, groups as u64],
@@ -193,7 +202,7 @@ pub fn plan(d: &Sm90Desc, smem_optin: usize) -> Result<Sm90Plan> {
                     nh * bk as u64 * esize,
                     parts as u64 * nh * bk as u64 * esize,
                 ],
-                box_dims: vec![BK, d.config.bn / 2, 1, 1],
+                box_dims: b_box,
             };
         }
         GemmKind::Dgrad => {
@@ -201,11 +210,10 @@ pub fn plan(d: &Sm90Desc, smem_optin: usize) -> Result<Sm90Plan> {
             k = bn;
             n_out = dims.out_cols;
             m_out = 0;
-            // Boxes of BM = 128 rows, as forward.
             a_map = TileMap {
                 dims: vec![bn as u64, rows_cap as u64],
                 strides: vec![bn as u64 * esize],
-                box_dims: vec![BK, BM],
+                box_dims: vec![BK, token_box],
             };
             b_map = TileMap {
                 dims: vec![bk as u64, bn as u64, groups as u64],
@@ -264,7 +272,7 @@ pub fn plan(d: &Sm90Desc, smem_optin: usize) -> Result<Sm90Plan> {
         accumulate: d.accumulate,
         aux: d.aux.is_some(),
     };
-    store.validate(d.kind, d.epilogue)?;
+    d.config.validate_store(d.kind, d.epilogue, store)?;
     multiple_of_8(
         "output columns (row stride of C)",
         n_out,
@@ -288,11 +296,15 @@ pub fn plan(d: &Sm90Desc, smem_optin: usize) -> Result<Sm90Plan> {
         fits_i32(what, v)?;
     }
     // Canonical tiles (scheduler.cuh): m-tiles of `bm` rows per expert (forward/dgrad: at most
-    // one partial tile per expert; wgrad: `ceil(m_out / bm)`), times the n-tiles.
+    // one partial tile per expert; wgrad: `ceil(m_out / bm)`), times the n-tiles. Swap-AB
+    // chunks: at most ceil(rows / 256) per expert (swap_chunks), so at most
+    // rows_cap / 256 + groups in all.
     let n_tiles = n_out.div_ceil(d.config.out_bn(d.epilogue) as usize);
     let bm = d.config.bm as usize;
     let max_tiles = if d.kind == GemmKind::Wgrad {
         groups * m_out.div_ceil(bm) * n_tiles
+    } else if d.config.swap {
+        (rows_cap / 256 + groups) * n_tiles
     } else {
         (rows_cap / bm + groups) * n_tiles
     };
@@ -846,6 +858,36 @@ mod tests {
         assert_eq!(p.b_map.dims, vec![512, 200, 2, 3]);
         assert_eq!(p.b_map.strides, vec![1024, 200 * 1024, 400 * 1024]);
         assert_eq!(p.defines["SM90_EPI"], "1");
+    }
+
+    #[test]
+    fn swap_ab_plans() {
+        // Forward: tokens in boxes of 32 rows, 128 weight rows per box; at most
+        // rows_cap / 256 + groups chunks, 128 output columns per tile.
+        let mut d = fwd(&[4096, 7168], &[256, 4096, 7168], &[4096, 4096], 256);
+        d.config = Sm90Config::SWAP_256H;
+        let p = plan(&d, OPTIN).unwrap();
+        assert_eq!(p.a_map.box_dims, vec![64, 32]);
+        assert_eq!(p.b_map.box_dims, vec![64, 128, 1, 1]);
+        assert_eq!(p.max_tiles, (4096 / 256 + 256) * (4096 / 128));
+        assert_eq!(p.defines["SM90_SWAP"], "1");
+        // SwiGLU: 8 gate rows and the same 8 up rows per box, 64 output columns per tile.
+        d.epilogue = Epilogue::SwiGlu;
+        d.c = Meta::new(DType::BF16, &[4096, 2048]);
+        let p = plan(&d, OPTIN).unwrap();
+        assert_eq!(p.b_map.box_dims, vec![64, 8, 2, 1]);
+        assert_eq!(p.max_tiles, (4096 / 256 + 256) * (2048 / 64));
+        // Dgrad: the same token boxes, weights in 64 x 64 boxes as without swap-AB.
+        let mut d = fwd(&[300, 2048], &[16, 2048, 4096], &[300, 4096], 16);
+        d.kind = GemmKind::Dgrad;
+        d.config = Sm90Config::SWAP_256H;
+        let p = plan(&d, OPTIN).unwrap();
+        assert_eq!(p.a_map.box_dims, vec![64, 32]);
+        assert_eq!(p.b_map.box_dims, vec![64, 64, 1]);
+        // An f32 C is refused with the reason.
+        d.c = Meta::new(DType::F32, &[300, 4096]);
+        let msg = plan(&d, OPTIN).unwrap_err().to_string();
+        assert!(msg.contains("swap-AB stores a 16-bit C"), "{msg}");
     }
 
     #[test]

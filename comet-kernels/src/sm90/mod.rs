@@ -18,6 +18,14 @@
 //! warpgroup then owns two m64 blocks, and an expert of up to 256 rows reads each weight
 //! tile once); [`Sm90Config::choose`] keeps 128-row tiles.
 //!
+//! Forward and dgrad GEMMs can run swap-AB ([`Sm90Config::swap`], [`Sm90Config::SWAP_256H`]):
+//! the weights are `wgmma`'s A (128 weight rows per tile) and the tokens its B, split per
+//! expert into chunks of at most 256 rows ([`swap_chunk_rows`]), each tile issuing `wgmma`
+//! with N = its chunk rounded up to 16. An expert then pads to 16 rows instead of 128; the
+//! epilogue transposes through shared memory. [`Sm90Config::choose`] picks it at
+//! [`SWAP_MIN_ROWS`] to [`SWAP_MAX_ROWS`] rows per expert. Its canonical tile ids are (expert, chunk, weight tile),
+//! not those of `comet-sched`'s orders.
+//!
 //! Weight gradients can run the TMA-store epilogue ([`Sm90Config::tma_store`],
 //! [`Sm90Config::WGRAD_TS`]). Each consumer warpgroup stages its rows in shared memory and the
 //! TMA unit stores them, or for an f32 accumulate adds them in L2, through a map over C that
@@ -35,7 +43,10 @@ mod config;
 mod launch;
 mod tma;
 
-pub use config::{BK, BM, Schedule, Sm90Config, Sm90Store, THREADS};
+pub use config::{
+    BK, BM, SWAP_BOX_ROWS, SWAP_MAX_ROWS, SWAP_MIN_ROWS, Schedule, Sm90Config, Sm90Store, THREADS,
+    swap_chunk_rows, swap_chunks,
+};
 pub use launch::{
     DeviceErrorCode, GROUPED_GEMM_SM90_CU, KERNEL_NAME, SM90_HEADERS, Sm90Desc, Sm90Gemm, Sm90Plan,
     grouped_gemm, headers, plan, program, supports,

@@ -117,7 +117,7 @@ fn tile_count(c: &Case) -> usize {
     let bm = c.config.bm as usize;
     match c.kind {
         GemmKind::Wgrad => c.counts.len() * c.n.div_ceil(bm) * n_tiles,
-        _ => c.counts.iter().map(|r| r.div_ceil(bm)).sum::<usize>() * n_tiles,
+        _ => c.counts.iter().map(|&r| c.config.m_tiles(r)).sum::<usize>() * n_tiles,
     }
 }
 
@@ -847,6 +847,77 @@ fn tall_tiles_edge_rows() {
     }
 }
 
+/// Swap-AB (`Sm90Config::SWAP_256H`, and without the L2 hint): experts of 0, 1, 15, 16, 17,
+/// 130, 256, 257, 300, 546 and 1000 rows (one to four token chunks, chunks rounded up to 16
+/// for wgmma's N), K not a multiple of 64, output columns past the last full weight tile, on
+/// forward (plain, SwiGLU with row scale, GeLU; with and without the pre-activation store),
+/// dgrad with row scale, f16 inputs, a reversed tile order, and a capped grid whose output
+/// must equal the full grid's bit for bit.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn swap_ab_edge_rows() {
+    let gpu = gpu();
+    if !hopper(&gpu) {
+        return;
+    }
+    const EDGES: [usize; 12] = [0, 1, 15, 16, 17, 130, 256, 257, 300, 546, 1000, 0];
+    let mut seed = 1200;
+    let plain = Sm90Config {
+        l2_hint: false,
+        ..Sm90Config::SWAP_256H
+    };
+    for (name, cfg) in [("swap256h", Sm90Config::SWAP_256H), ("swap256", plain)] {
+        let mut cases = vec![
+            Case::fwd(&EDGES, 200, 520),
+            Case::fwd(&EDGES, 400, 328).with(|c| {
+                c.epilogue = Epilogue::SwiGlu;
+                c.scale = true;
+            }),
+            Case::fwd(&EDGES, 264, 200).with(|c| c.epilogue = Epilogue::Gelu),
+            Case::fwd(&EDGES, 328, 264).with(|c| {
+                c.kind = GemmKind::Dgrad;
+                c.scale = true;
+            }),
+            Case::fwd(&EDGES, 264, 136).with(|c| {
+                c.kind = GemmKind::Dgrad;
+                c.f16 = true;
+            }),
+            Case::fwd(&EDGES, 136, 264).with(|c| c.f16 = true),
+            Case::fwd(&EDGES, 264, 136).with(|c| c.reversed = true),
+            Case::fwd(&EDGES, 264, 136).with(|c| {
+                c.kind = GemmKind::Dgrad;
+                c.reversed = true;
+            }),
+        ];
+        for epi in [Epilogue::SwiGlu, Epilogue::Gelu] {
+            cases.push(Case::fwd(&EDGES, 272, 200).with(|c| {
+                c.epilogue = epi;
+                c.scale = true;
+                c.aux = true;
+            }));
+        }
+        for c in cases {
+            let c = c.with(|c| c.config = cfg);
+            seed += 1;
+            let e = check(&gpu, &c, seed);
+            eprintln!(
+                "{name} {:?} {:?} n {} k {} scale {} f16 {} reversed {} aux {}: rel L2 {e:.2e}",
+                c.kind, c.epilogue, c.n, c.k, c.scale, c.f16, c.reversed, c.aux
+            );
+        }
+    }
+    for kind in [GemmKind::Forward, GemmKind::Dgrad] {
+        let base = Case::fwd(&EDGES, 520, 264).with(|c| {
+            c.kind = kind;
+            c.config = Sm90Config::SWAP_256H;
+        });
+        seed += 1;
+        let (_, full) = run_checked(&gpu, &base, seed);
+        let (_, bits) = run_checked(&gpu, &base.clone().with(|c| c.max_ctas = Some(3)), seed);
+        assert!(bits == full, "swap-AB {kind:?} max_ctas 3: output differs");
+    }
+}
+
 /// The pre-activation store of the fused SwiGLU / GeLU epilogue: `h` (gate columns then up
 /// columns) and the activated output both against the reference, guard rows of both
 /// untouched, every configuration, row scale (applied to the output only), f16.
@@ -1051,9 +1122,9 @@ fn nvrtc_compiles_every_specialisation() {
     let d = hinted.defines(GemmKind::Dgrad, Epilogue::None, false, false);
     cache.cubin(&program(), &d, Arch::SM90).expect("l2 hint");
     assert_eq!(
-        n, 29,
+        n, 33,
         "specialisations: 6 configs x 5 (kind, epilogue) minus clustered wgrad, plus the \
-         TMA-store epilogue's wgrad"
+         TMA-store epilogue's wgrad, plus swap-AB's forward (3 epilogues) and dgrad"
     );
     // Store variants: f32 (+ accumulate) for every valid (config, kind, epilogue), the
     // pre-activation store for the activations; f16 inputs and L2 hints once each.
@@ -1079,7 +1150,7 @@ fn nvrtc_compiles_every_specialisation() {
                         ..Default::default()
                     },
                 ] {
-                    if store.validate(kind, epi).is_err() {
+                    if cfg.validate_store(kind, epi, store).is_err() {
                         continue;
                     }
                     let d = cfg.defines_store(kind, epi, false, store);
@@ -1093,8 +1164,8 @@ fn nvrtc_compiles_every_specialisation() {
     }
     assert_eq!(
         m,
-        29 * 2 + 12,
-        "f32 and f32+accumulate everywhere, aux with activations"
+        29 * 2 + 14,
+        "f32 and f32+accumulate everywhere but swap-AB, aux with activations"
     );
     let acc = Sm90Store {
         f32_out: true,
