@@ -8,7 +8,7 @@
 # NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 TORCH_SYMM_MEM_DISABLE_MULTICAST=1, the newer NCCL
 # of the Python wheel first on LD_LIBRARY_PATH, COMET_CACHE_DIR=<bundle>/cache), most
 # important first, each under a time limit capped by what is left of LIMIT seconds (default
-# 430) for the whole. Left out: compute-sanitizer runs, the tests that only fill the kernel
+# 480) for the whole. Left out: compute-sanitizer runs, the tests that only fill the kernel
 # cache (warm_*), and comet-kernels' nvrtc_compile binary (NVRTC only; run on the build
 # machine). If less than FORWARD_FULL_S seconds (default 80) are left when gpu_forward starts,
 # its two largest presets (DeepSeek-V3, Mixtral) are skipped, and the summary says so.
@@ -38,7 +38,7 @@ G="$(cd "$ROOT/${BUNDLE:-.gpu}" 2>/dev/null && pwd)" || {
     exit 2
 }
 OUT="${OUT:-$ROOT/out-final}"
-LIMIT="${LIMIT:-430}"
+LIMIT="${LIMIT:-480}"
 FORWARD_FULL_S="${FORWARD_FULL_S:-80}"
 mkdir -p "$OUT"
 W="$(mktemp -d "${TMPDIR:-/tmp}/comet-final.XXXXXX")"
@@ -116,7 +116,7 @@ else
     step kernels-gpu_forward comet-kernels.test.gpu_forward 75 \
         --skip preset_deepseek_v3 --skip preset_mixtral
 fi
-step kernels-lib comet-kernels.lib.comet_kernels 120
+step kernels-lib comet-kernels.lib.comet_kernels 180
 step kernels-gpu_kernels comet-kernels.test.gpu_kernels 15
 step comm-lib comet-comm.lib.comet_comm 15 --skip warm_the_kernel_cache
 step layer-lib comet-layer.lib.comet_layer 20 --skip warm_the_kernel_cache

@@ -66,11 +66,12 @@ __device__ __forceinline__ void row_scales(const GroupedGemmArgs& g, int grow0, 
 }
 
 /// Staging -> global for one 64-column chunk of 16-bit values: 64 rows x 8 chunks of 16
-/// bytes, 4 per thread, a row per 8 lanes (CHUNKS = 4: 32 columns, 2 per thread). (The main store in epilogue_store keeps its own
-/// copy of this loop: routing it through here changes the SASS of the default kernels,
-/// which are the ones measured on the H200s.) Output column gcol0 + c (c < 64) of row
-/// grow0 + r lands at base[(grow0 + r) * ld + col_offset + gcol0 + c]; rows r >= rows_blk
-/// and columns gcol0 + c >= n_out are skipped.
+/// bytes, 4 per thread, a row per 8 lanes (CHUNKS = 4: 32 columns, 2 per thread). (The main
+/// store in epilogue_store keeps its own copy of this loop: routing it through here changes
+/// the SASS of the default kernels, which are the ones measured on the H200s.) Output column
+/// gcol0 + c (c < 8 CHUNKS) of row grow0 + r lands at
+/// base[(grow0 + r) * ld + col_offset + gcol0 + c]; rows r >= rows_blk and columns
+/// gcol0 + c >= n_out are skipped.
 template <class C, int CHUNKS = 8>
 __device__ __forceinline__ void staged_to_global(u32 stage, char* base, int ld, int col_offset,
                                                  int n_out, int grow0, int rows_blk, int gcol0,
