@@ -102,6 +102,10 @@ pub fn swap_chunks(rows: usize) -> usize {
 pub const SWAP_MIN_ROWS: usize = 96;
 /// Rows per expert (on average) up to which [`Sm90Config::choose`] picks swap-AB.
 pub const SWAP_MAX_ROWS: usize = 160;
+/// Most experts for which [`Sm90Config::choose`] picks swap-AB: through the Rust launcher,
+/// DeepSeek-V3's 256 experts at 128 rows each lost 4–8% with it (Qwen2-MoE's 60 and
+/// Phi-3.5-MoE's 16 gained 9–12%); why is open (bench/hopper-dev/NOTES.md, session 3).
+pub const SWAP_MAX_GROUPS: usize = 128;
 /// Token rows per TMA box of a swap-AB tile's B operand (`Config::SWAP_BOX_ROWS`).
 pub const SWAP_BOX_ROWS: u32 = 32;
 
@@ -397,19 +401,22 @@ impl Sm90Config {
     /// 8 preset weight gradients in bf16, +6% Mixtral wgrad0, +10% DeepSeek-V3, −6% Phi-3.5
     /// wgrad0; `bench/results/2026-11-29-s2-hopper-wgrad-tmastore-h200.json`).
     ///
-    /// From [`SWAP_MIN_ROWS`] to [`SWAP_MAX_ROWS`] rows per expert, forward and dgrad GEMMs
-    /// without SwiGLU run swap-AB ([`Sm90Config::SWAP_256H`]; 16-bit C only:
-    /// [`Sm90Config::choose_for`] knows the store): at 128 rows per expert (Qwen2-MoE at 2048
-    /// tokens, DeepSeek-V3 at 4096) it was 2–18% faster on 7 of those 8 GEMMs and 1% slower
-    /// on one; at 64 (DeepSeek-V3, 2048 tokens, DRAM-bound) 1–6% slower on three of four.
-    /// SwiGLU stays on clusters: swap-AB lost 9% on DeepSeek-V3 there
-    /// (`bench/results/2026-11-29-s3-*`, `bench/hopper-dev/NOTES.md` session 3).
+    /// From [`SWAP_MIN_ROWS`] to [`SWAP_MAX_ROWS`] rows per expert, over at most
+    /// [`SWAP_MAX_GROUPS`] experts, forward and dgrad GEMMs without SwiGLU run swap-AB
+    /// ([`Sm90Config::SWAP_256H`]; 16-bit C only: [`Sm90Config::choose_for`] knows the
+    /// store). At about 128 rows per expert it was 9–12% faster through this launcher on
+    /// Qwen2-MoE and Phi-3.5-MoE (gemm_bench) and 2–21% in the nvcc harness on all four
+    /// presets, but 4–8% slower through this launcher on DeepSeek-V3; at 64 rows per expert
+    /// (DRAM-bound) it was 1–6% slower on three of four DeepSeek-V3 GEMMs. SwiGLU stays on
+    /// clusters: swap-AB lost 3–12% there (`bench/results/2026-11-29-s3-*`,
+    /// `bench/hopper-dev/NOTES.md` session 3).
     pub fn choose(kind: GemmKind, epilogue: Epilogue, groups: usize, rows: usize) -> Self {
         let per_expert = rows / groups.max(1);
         let streamed_weights = per_expert <= 384;
         match kind {
             GemmKind::Forward | GemmKind::Dgrad
                 if (SWAP_MIN_ROWS..=SWAP_MAX_ROWS).contains(&per_expert)
+                    && groups <= SWAP_MAX_GROUPS
                     && epilogue != Epilogue::SwiGlu =>
             {
                 Sm90Config::SWAP_256H
@@ -696,18 +703,24 @@ mod tests {
         let (f, d, w) = (GemmKind::Forward, GemmKind::Dgrad, GemmKind::Wgrad);
         let none = Epilogue::None;
         for kind in [f, d] {
-            // DeepSeek-V3 at 4096 tokens: 128 rows per expert; at 8192, 256.
+            // Qwen2-MoE at 2048 tokens (60 experts, 136 rows each) and Phi-3.5-MoE at 1024
+            // (16, 128): swap-AB; Qwen at 4096 (273): not.
             assert_eq!(
-                Sm90Config::choose(kind, none, 256, 32768),
+                Sm90Config::choose(kind, none, 60, 8192),
                 Sm90Config::SWAP_256H
             );
-            assert!(!Sm90Config::choose(kind, none, 256, 65536).swap);
+            assert_eq!(
+                Sm90Config::choose(kind, none, 16, 2048),
+                Sm90Config::SWAP_256H
+            );
+            assert!(!Sm90Config::choose(kind, none, 60, 16384).swap);
+            // DeepSeek-V3 at 4096 tokens: 128 rows over 256 experts, measured slower.
+            assert!(!Sm90Config::choose(kind, none, 256, 32768).swap);
         }
         assert!(Sm90Config::choose(f, Epilogue::Gelu, 64, 8192).swap);
-        // DeepSeek-V3 at 2048 tokens (64 rows per expert, DRAM-bound) and tiny batches:
-        // the clusters.
-        for rows in [16384, 256] {
-            assert!(!Sm90Config::choose(f, none, 256, rows).swap, "{rows}");
+        // 64 rows per expert (DRAM-bound) and tiny batches: the clusters.
+        for rows in [4096, 64] {
+            assert!(!Sm90Config::choose(f, none, 64, rows).swap, "{rows}");
         }
         assert!(!Sm90Config::choose(f, Epilogue::SwiGlu, 64, 8192).swap);
         assert!(!Sm90Config::choose(w, none, 64, 8192).swap);

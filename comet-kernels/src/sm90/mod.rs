@@ -23,7 +23,8 @@
 //! expert into chunks of at most 256 rows ([`swap_chunk_rows`]), each tile issuing `wgmma`
 //! with N = its chunk rounded up to 16. An expert then pads to 16 rows instead of 128; the
 //! epilogue transposes through shared memory. [`Sm90Config::choose`] picks it at
-//! [`SWAP_MIN_ROWS`] to [`SWAP_MAX_ROWS`] rows per expert. Its canonical tile ids are (expert, chunk, weight tile),
+//! [`SWAP_MIN_ROWS`] to [`SWAP_MAX_ROWS`] rows per expert over at most [`SWAP_MAX_GROUPS`]
+//! experts. Its canonical tile ids are (expert, chunk, weight tile),
 //! not those of `comet-sched`'s orders.
 //!
 //! Weight gradients can run the TMA-store epilogue ([`Sm90Config::tma_store`],
@@ -44,8 +45,8 @@ mod launch;
 mod tma;
 
 pub use config::{
-    BK, BM, SWAP_BOX_ROWS, SWAP_MAX_ROWS, SWAP_MIN_ROWS, Schedule, Sm90Config, Sm90Store, THREADS,
-    swap_chunk_rows, swap_chunks,
+    BK, BM, SWAP_BOX_ROWS, SWAP_MAX_GROUPS, SWAP_MAX_ROWS, SWAP_MIN_ROWS, Schedule, Sm90Config,
+    Sm90Store, THREADS, swap_chunk_rows, swap_chunks,
 };
 pub use launch::{
     DeviceErrorCode, GROUPED_GEMM_SM90_CU, KERNEL_NAME, SM90_HEADERS, Sm90Desc, Sm90Gemm, Sm90Plan,
