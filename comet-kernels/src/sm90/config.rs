@@ -412,7 +412,6 @@ impl Sm90Config {
     /// `bench/hopper-dev/NOTES.md` session 3).
     pub fn choose(kind: GemmKind, epilogue: Epilogue, groups: usize, rows: usize) -> Self {
         let per_expert = rows / groups.max(1);
-        let streamed_weights = per_expert <= 384;
         match kind {
             GemmKind::Forward | GemmKind::Dgrad
                 if (SWAP_MIN_ROWS..=SWAP_MAX_ROWS).contains(&per_expert)
@@ -421,11 +420,17 @@ impl Sm90Config {
             {
                 Sm90Config::SWAP_256H
             }
-            GemmKind::Forward | GemmKind::Dgrad => Sm90Config {
-                l2_hint: streamed_weights,
-                ..Sm90Config::COOP_256_C2
-            },
+            GemmKind::Forward | GemmKind::Dgrad => Sm90Config::clustered(per_expert),
             GemmKind::Wgrad => Sm90Config::WGRAD_TS,
+        }
+    }
+
+    /// Forward/dgrad on 2-CTA clusters, with L2 hints when an expert averages at most 384
+    /// rows (its weights are streamed).
+    fn clustered(per_expert: usize) -> Self {
+        Sm90Config {
+            l2_hint: per_expert <= 384,
+            ..Sm90Config::COOP_256_C2
         }
     }
 
@@ -449,10 +454,7 @@ impl Sm90Config {
         }
         let c = Sm90Config::choose(kind, epilogue, groups, rows);
         if c.swap && store.f32_out {
-            return Sm90Config {
-                l2_hint: true,
-                ..Sm90Config::COOP_256_C2
-            };
+            return Sm90Config::clustered(per_expert);
         }
         c
     }

@@ -838,13 +838,21 @@ fn tall_tiles_edge_rows() {
             c.config = cfg;
         });
         seed += 1;
-        let (_, full) = run_checked(&gpu, &base, seed);
-        let (_, bits) = run_checked(&gpu, &base.clone().with(|c| c.max_ctas = Some(cap)), seed);
-        assert!(
-            bits == full,
-            "{kind:?} {cfg:?} max_ctas {cap}: output differs"
-        );
+        capped_grid_matches(&gpu, &base, cap, seed);
     }
+}
+
+/// Runs `base` on the full grid and on at most `cap` CTAs (each CTA then walks several
+/// tiles) and asserts that both outputs are equal bit for bit.
+fn capped_grid_matches(gpu: &Gpu, base: &Case, cap: u32, seed: u64) {
+    let (_, full) = run_checked(gpu, base, seed);
+    let (_, bits) = run_checked(gpu, &base.clone().with(|c| c.max_ctas = Some(cap)), seed);
+    assert!(
+        bits == full,
+        "{:?} {:?} max_ctas {cap}: output differs",
+        base.kind,
+        base.config
+    );
 }
 
 /// Swap-AB (`Sm90Config::SWAP_256H`, and without the L2 hint): experts of 0, 1, 15, 16, 17,
@@ -912,9 +920,7 @@ fn swap_ab_edge_rows() {
             c.config = Sm90Config::SWAP_256H;
         });
         seed += 1;
-        let (_, full) = run_checked(&gpu, &base, seed);
-        let (_, bits) = run_checked(&gpu, &base.clone().with(|c| c.max_ctas = Some(3)), seed);
-        assert!(bits == full, "swap-AB {kind:?} max_ctas 3: output differs");
+        capped_grid_matches(&gpu, &base, 3, seed);
     }
 }
 
