@@ -882,6 +882,9 @@ static std::vector<Problem> edge_problems() {
   }
   v.push_back(mk("edge.wgrad.ragged", MODE_WGRAD, EPI_NONE, 4, {0, 3, 200, 129}, 200, 264));
   v.push_back(mk("edge.wgrad.one_expert", MODE_WGRAD, EPI_NONE, 3, {0, 700, 0}, 128, 256));
+  // tail k-blocks of 16, 48, 16 + 64, 36 + 64 and 63 + 64 rows: 1-4 k16 steps, with and
+  // without rows to clear
+  v.push_back(mk("edge.wgrad.tails", MODE_WGRAD, EPI_NONE, 5, {16, 48, 80, 100, 127}, 192, 320));
   {
     Problem p = mk("edge.wgrad.reversed", MODE_WGRAD, EPI_NONE, 4, {65, 0, 64, 1}, 136, 192);
     p.reversed = true;

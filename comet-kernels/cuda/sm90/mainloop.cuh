@@ -223,15 +223,17 @@ __device__ __forceinline__ u64 desc_b(const Ring<C>& ring, int s, int kk) {
   return smem_desc_kmajor_sw128(addr + kk * 32);
 }
 
-/// K-grouped tail: rows >= valid of stage s hold another expert's data; zero them in both
-/// operands (generic stores, then a proxy fence so wgmma sees them). Called by every thread
-/// that consumes the stage; `nthreads` of them, `tid` in [0, nthreads).
+/// K-grouped tail: rows >= valid of stage s hold another expert's data (or TMA's zero fill).
+/// The tail k-block issues only the k16 steps that hold valid rows (see kgrouped_steps), so
+/// only the rows from `valid` up to the next multiple of 16 are zeroed, in both operands
+/// (generic stores, then a proxy fence so wgmma sees them). Called by every thread that
+/// consumes the stage; `nthreads` of them, `tid` in [0, nthreads).
 template <class C>
 __device__ __forceinline__ void zero_tail_rows(const Ring<C>& ring, int s, int valid, int tid,
                                                int nthreads) {
   constexpr int ABLK = C::BM / 64;        // A's 8 KiB blocks
   constexpr int BLOCKS = ABLK + C::BN / 64;  // 8 KiB blocks of 64 rows x 128 bytes
-  const int rows = 64 - valid;
+  const int rows = ((valid + 15) & ~15) - valid;
   const int chunks = BLOCKS * rows * 8;  // 16-byte chunks to clear
   for (int i = tid; i < chunks; i += nthreads) {
     const int blk = i / (rows * 8);
@@ -243,6 +245,49 @@ __device__ __forceinline__ void zero_tail_rows(const Ring<C>& ring, int s, int v
     asm volatile("st.shared.v4.b32 [%0], {%1, %1, %1, %1};" ::"r"(addr), "r"(0) : "memory");
   }
   fence_proxy_async_smem();
+}
+
+/// k16 steps of a k-block with `valid` reduction rows left (K-grouped: fewer in an expert's
+/// tail k-block; else always BK / 16).
+template <class C>
+__device__ __forceinline__ int kgrouped_steps(int valid) {
+  return C::KGROUPED && valid < C::BK ? (valid + 15) / 16 : C::BK / 16;
+}
+
+/// Issues the wgmma of one k-block for MB m64 blocks (A blocks ablk0..) and its first NK k16
+/// steps, commits them and waits for the previous k-block's group.
+template <class C, int MB, int NK>
+__device__ __forceinline__ void mma_kblock(float (&acc)[C::MW][C::ACC_N], const Ring<C>& ring,
+                                           int s, int ablk0, int kb) {
+  wgmma_fence();
+#pragma unroll
+  for (int mb = 0; mb < MB; ++mb) {
+#pragma unroll
+    for (int kk = 0; kk < NK; ++kk) {
+      Wgmma<C::BN, C::IN_F16, C::A_MN ? 1 : 0, C::B_MN ? 1 : 0>::mma(
+          acc[mb], desc_a<C>(ring, s, ablk0 + mb, kk), desc_b<C>(ring, s, kk), (kb | kk) != 0);
+    }
+  }
+  wgmma_commit();
+  wgmma_wait<1>();
+}
+
+/// mma_kblock with a warp-uniform step count `nk` in 1..BK/16 (each case holds its own
+/// fence ... wait, so that no wgmma sits behind a branch after its fence: ptxas C7519).
+template <class C, int MB>
+__device__ __forceinline__ void mma_kblock_steps(float (&acc)[C::MW][C::ACC_N],
+                                                 const Ring<C>& ring, int s, int ablk0, int kb,
+                                                 int nk) {
+  static_assert(C::BK == 64, "four k16 steps per k-block");
+  if (!C::KGROUPED || nk >= 4) {
+    mma_kblock<C, MB, 4>(acc, ring, s, ablk0, kb);
+  } else if (nk == 3) {
+    mma_kblock<C, MB, 3>(acc, ring, s, ablk0, kb);
+  } else if (nk == 2) {
+    mma_kblock<C, MB, 2>(acc, ring, s, ablk0, kb);
+  } else {
+    mma_kblock<C, MB, 1>(acc, ring, s, ablk0, kb);
+  }
 }
 
 /// Consumer mainloop for one tile: accumulates acc[mb] (m64 block mb of this warpgroup's
@@ -278,38 +323,16 @@ __device__ __forceinline__ void consumer_mainloop(float (&acc)[C::MW][C::ACC_N],
   int prev = 0;
   for (int kb = 0; kb < kbs; ++kb) {
     mbar_wait(ring.full(pos.stage), pos.phase);
-    if (C::KGROUPED) {
-      const int valid = t.k_len - kb * C::BK;
-      if (valid < C::BK) {
-        zero_tail_rows<C>(ring, pos.stage, valid, ctid, bar_threads);
-        named_barrier_sync(bar_id, bar_threads);
-      }
+    const int valid = t.k_len - kb * C::BK;  // reduction rows left (K-grouped tail: < BK)
+    if (C::KGROUPED && valid < C::BK && (valid & 15) != 0) {
+      zero_tail_rows<C>(ring, pos.stage, valid, ctid, bar_threads);
+      named_barrier_sync(bar_id, bar_threads);
     }
-    // Each branch holds its own fence ... wait so that no wgmma sits behind a branch after
-    // its fence (ptxas would inject extra warpgroup.arrive instructions: C7519).
+    const int nk = kgrouped_steps<C>(valid);
     if (mblocks_active >= C::MW) {
-      wgmma_fence();
-#pragma unroll
-      for (int mb = 0; mb < C::MW; ++mb) {
-#pragma unroll
-        for (int kk = 0; kk < C::BK / 16; ++kk) {
-          Wgmma<C::BN, C::IN_F16, C::A_MN ? 1 : 0, C::B_MN ? 1 : 0>::mma(
-              acc[mb], desc_a<C>(ring, pos.stage, ablk0 + mb, kk),
-              desc_b<C>(ring, pos.stage, kk), (kb | kk) != 0);
-        }
-      }
-      wgmma_commit();
-      wgmma_wait<1>();
+      mma_kblock_steps<C, C::MW>(acc, ring, pos.stage, ablk0, kb, nk);
     } else if (C::MW > 1 && mblocks_active >= 1) {  // ping-pong tile with <= 64 valid rows
-      wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < C::BK / 16; ++kk) {
-        Wgmma<C::BN, C::IN_F16, C::A_MN ? 1 : 0, C::B_MN ? 1 : 0>::mma(
-            acc[0], desc_a<C>(ring, pos.stage, ablk0, kk), desc_b<C>(ring, pos.stage, kk),
-            (kb | kk) != 0);
-      }
-      wgmma_commit();
-      wgmma_wait<1>();
+      mma_kblock_steps<C, 1>(acc, ring, pos.stage, ablk0, kb, nk);
     }
     if (kb > 0 && lane == 0) release_stage<C>(ring, prev, release_mode, peer);
     prev = pos.stage;

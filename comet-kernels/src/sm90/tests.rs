@@ -636,7 +636,8 @@ fn capped_grid_matches_the_full_grid() {
 
 /// Wgrad with f32 output, overwriting and accumulating (`dW += Aᵀ·B`, the backward's
 /// gradient accumulation): experts with no rows (zeros written; with accumulation their
-/// gradient stays bit for bit), ragged rows, reductions (rows) that are not multiples of 64,
+/// gradient stays bit for bit), ragged rows, reductions (rows) that are not multiples of 64
+/// (tail k-blocks of every k16 step count),
 /// every wgrad configuration, L2 hints, f16 inputs, a reversed tile order and a capped grid.
 #[test]
 #[ignore = "needs a CUDA GPU"]
@@ -660,7 +661,13 @@ fn wgrad_f32_and_accumulate() {
     let mut seed = 400;
     for (name, cfg) in configs {
         for accumulate in [false, true] {
-            for counts in [&[0usize, 3, 200, 129, 0][..], &[64, 1, 0, 191][..]] {
+            // the last: tail k-blocks of 1, 3, 1, 3 and 4 k16 steps, with and without rows
+            // to clear (16, 48, 80, 100, 127 rows)
+            for counts in [
+                &[0usize, 3, 200, 129, 0][..],
+                &[64, 1, 0, 191][..],
+                &[16, 48, 80, 100, 127][..],
+            ] {
                 let c = Case::fwd(counts, 200, 264).with(|c| {
                     c.kind = GemmKind::Wgrad;
                     c.config = cfg;
