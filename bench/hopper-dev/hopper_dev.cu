@@ -447,6 +447,11 @@ static std::vector<Variant> all_variants() {
   v.push_back(make_variant<Config<MODE_WGRAD, 256, false, 3, EPI_NONE, false, false, 16, 1, 0, false, false, false, 128, true>>("ts256x3"));
   v.push_back(make_variant<Config<MODE_WGRAD, 256, false, 3, EPI_NONE, false, false, 16, 1, 1, false, false, false, 128, true>>("ts256h"));
   v.push_back(make_variant<Config<MODE_WGRAD, 128, false, 4, EPI_NONE, false, false, 16, 1, 1, false, false, false, 128, true>>("ts128h"));
+  // ping-pong 128x128 with the TMA-store epilogue: one warpgroup's epilogue overlaps the
+  // other's mainloop (6 stages: 16 KiB staging per warpgroup, 4: 32 KiB)
+  v.push_back(make_variant<Config<MODE_WGRAD, 128, true, 6, EPI_NONE, false, false, 16, 1, 1, false, false, false, 128, true>>("tspp128h"));
+  v.push_back(make_variant<Config<MODE_WGRAD, 128, true, 6, EPI_NONE, false, false, 16, 1, 0, false, false, false, 128, true>>("tspp128"));
+  v.push_back(make_variant<Config<MODE_WGRAD, 128, true, 4, EPI_NONE, false, false, 16, 1, 1, false, false, false, 128, true>>("tspp128x4h"));
   v.push_back(make_variant<Config<MODE_WGRAD, 256, false, 3, EPI_NONE, true, true, 16, 1, 0, false, false, false, 128, true>>("ts256x3"));
   // forward, plain
   v.push_back(make_variant<Config<MODE_FWD, 256, false, 4, EPI_NONE>>("coop256x4"));

@@ -44,12 +44,13 @@ enum : int {
 ///  AUX:      also store the pre-activation (forward with SwiGLU or GeLU, 16-bit output) to
 ///            g.aux, g.ldaux elements per row: SwiGLU gate in columns [0, n_out), up in
 ///            [n_out, 2 n_out); GeLU the accumulator itself. Unscaled by row_scale.
-///  TSTORE:   weight gradients only (cooperative, 128x256 or 128x128 tiles, no cluster): the
-///            epilogue writes each warpgroup's 64 rows into a 128-byte-swizzled staging tile
+///  TSTORE:   weight gradients only (128x256 or 128x128 tiles, cooperative or ping-pong, no
+///            cluster): the epilogue writes each warpgroup's rows (cooperative: 64, ping-pong:
+///            the tile's 128) in passes of 64 rows into a 128-byte-swizzled staging tile
 ///            and one thread hands it to the TMA unit (g.c: a 3D map over [E][m_out][ldo]
 ///            that clips rows at m_out and columns at n_out), with ACCUM as a reduce-add in
 ///            L2; the consumers go on to the next tile's mainloop while the store drains.
-///            16-bit output: the whole 64-row slab at once; f32: two halves of the columns.
+///            A pass holds 64 rows, all columns (f32 128x256: half of them; see TS_PASSES).
 ///  BM:       rows per tile: 128, or 256 (cooperative only, BN = 128): each consumer
 ///            warpgroup then owns 128 rows (two m64 blocks), so an expert of up to 256 rows
 ///            is one m-tile and each weight tile is read once for it.
@@ -110,11 +111,17 @@ struct Config {
   static constexpr int B_STAGE_BYTES = BN * BK * 2;
   static constexpr int STAGE_BYTES = A_STAGE_BYTES + B_STAGE_BYTES;
   static constexpr int EPI_PITCH = (64 + 8) * 2;  // bytes per staged row (padded: no bank conflicts)
-  /// TSTORE: 32 KiB of staging per warpgroup (64 rows x 512 bytes: the 16-bit slab, or half
-  /// of the f32 one), in boxes of 64 rows x 128 bytes (TS_BOX_COLS columns).
-  static constexpr int TS_WG_BYTES = 32768;
+  /// TSTORE: staging per warpgroup, in boxes of 64 rows x 128 bytes (TS_BOX_COLS columns):
+  /// 32 KiB, or 16 KiB where the ring leaves no room for that (ping-pong with 6 stages).
+  static constexpr int TS_WG_BYTES =
+      (STAGES * STAGE_BYTES + 2 * 32768 + 4096 <= 232448 - 1024) ? 32768 : 16384;
   static constexpr int TS_BOX_COLS = OUT_F32 ? 32 : 64;
-  static constexpr int TS_PASSES = OUT_F32 ? 2 : 1;  ///< staging fills per tile (f32: halves)
+  /// TSTORE: m64 blocks a warpgroup stores per tile (ping-pong: the tile's MW; else its one).
+  static constexpr int TS_BLOCKS = PINGPONG ? MW : 1;
+  /// TSTORE: bytes of one m64 block's output rows.
+  static constexpr int TS_SLAB_BYTES = 64 * OUT_BN * (OUT_F32 ? 4 : 2);
+  /// TSTORE: staging fills per m64 block (column parts).
+  static constexpr int TS_PASSES = TS_SLAB_BYTES > TS_WG_BYTES ? TS_SLAB_BYTES / TS_WG_BYTES : 1;
   static constexpr int EPI_WG_BYTES = TSTORE ? TS_WG_BYTES : 64 * EPI_PITCH;
 
   // Shared-memory layout, relative to a 1024-byte aligned base.
@@ -140,14 +147,13 @@ struct Config {
   static_assert(!ACCUM || OUT_F32, "accumulation needs the f32 output");
   static_assert(!AUX || (MODE == MODE_FWD && EPI != EPI_NONE && !OUT_F32),
                 "pre-activation store: forward with an activation, 16-bit output");
-  static_assert(!TSTORE || (MODE == MODE_WGRAD && !PINGPONG && CLUSTER == 1 && BM == 128),
-                "TMA-store epilogue: weight gradients, cooperative, single CTA, BM = 128");
+  static_assert(!TSTORE || (MODE == MODE_WGRAD && CLUSTER == 1 && BM == 128),
+                "TMA-store epilogue: weight gradients, single CTA, BM = 128");
   static_assert(!SWAP || (MODE != MODE_WGRAD && BN == 256 && BM == 128 && !PINGPONG &&
                           CLUSTER == 1 && !OUT_F32 && !TSTORE),
                 "swap-AB: forward/dgrad, cooperative 128 x 256, single CTA, 16-bit output");
-  static_assert(!TSTORE || OUT_BN * (OUT_F32 ? 4 : 2) == TS_PASSES * 512 ||
-                    OUT_BN * (OUT_F32 ? 4 : 2) == TS_PASSES * 256,
-                "TMA-store staging holds a pass of 64 rows");
+  static_assert(!TSTORE || TS_SLAB_BYTES <= TS_WG_BYTES || TS_SLAB_BYTES == TS_PASSES * TS_WG_BYTES,
+                "TMA-store staging holds a whole number of passes of 64 rows");
 };
 
 /// Kernel argument block (mirrored by the Rust launcher: keep the layout in sync).

@@ -196,10 +196,11 @@ __device__ __forceinline__ void store_aux_chunk(const float (&a)[C::ACC_N],
   named_barrier_sync(bar_id, 128);
 }
 
-/// Config::TSTORE (weight gradients): writes warpgroup `cw`'s 64 rows of tile t into its
-/// staging tile (`stage`, TS_WG_BYTES, 1024-aligned) in the 128-byte swizzle of g.c's boxes,
-/// then thread 0 of the warpgroup issues the TMA stores (reduce-adds with ACCUM) and the
-/// warpgroup moves on; the next fill of the staging tile first waits until the TMA unit has
+/// Config::TSTORE (weight gradients): writes this warpgroup's rows of tile t (cooperative:
+/// its 64 rows, `cw`; ping-pong: the tile's m64 blocks) pass by pass into its staging tile
+/// (`stage`, TS_WG_BYTES, 1024-aligned) in the 128-byte swizzle of g.c's boxes; after each
+/// pass thread 0 of the warpgroup issues the TMA stores (reduce-adds with ACCUM), and the
+/// warpgroup moves on: the next fill of the staging tile first waits until the TMA unit has
 /// read it. Rows past m_out and columns past n_out are clipped by the map. ACCUM with an
 /// empty reduction stores nothing (the output stays bit for bit); without ACCUM it stores
 /// the zeros of the accumulator.
@@ -208,8 +209,6 @@ __device__ __forceinline__ void epilogue_tma_store(const float (&acc)[C::MW][C::
                                                    const GroupedGemmArgs& g, const Tile& t,
                                                    int cw, u32 stage, int wtid, int bar_id) {
   if (C::ACCUM && t.k_len == 0) return;
-  const int row_in_e = t.m_block * C::BM + 64 * cw;  // warpgroup's first row in the expert block
-  if (row_in_e >= g.m_out) return;
   constexpr int PASS_COLS = C::OUT_BN / C::TS_PASSES;
   constexpr int GROUPS = PASS_COLS / 8;  // 8-column fragment groups per pass
   constexpr int BOXES = PASS_COLS / C::TS_BOX_COLS;
@@ -217,43 +216,49 @@ __device__ __forceinline__ void epilogue_tma_store(const float (&acc)[C::MW][C::
   const int r_lo = frag_pos(wtid).r_lo;
   const u32 swz = (u32)(lane / 4);  // r_lo and r_lo + 8 modulo 8: the 128-byte swizzle's row
 #pragma unroll
-  for (int pass = 0; pass < C::TS_PASSES; ++pass) {
-    if (wtid == 0) bulk_wait_group_read<0>();  // the previous store has left the staging tile
-    named_barrier_sync(bar_id, 128);
+  for (int mb = 0; mb < C::TS_BLOCKS; ++mb) {
+    // the block's first row in the expert's output block (uniform over the warpgroup)
+    const int row_in_e = t.m_block * C::BM + 64 * (C::PINGPONG ? mb : cw);
+    if (row_in_e >= g.m_out) break;
 #pragma unroll
-    for (int jj = 0; jj < GROUPS; ++jj) {
-      const float* v = &acc[0][4 * (pass * GROUPS + jj)];
+    for (int pass = 0; pass < C::TS_PASSES; ++pass) {
+      if (wtid == 0) bulk_wait_group_read<0>();  // the previous store has left the staging tile
+      named_barrier_sync(bar_id, 128);
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const u32 row = stage + (u32)(r_lo + 8 * h) * 128u;
-        if (C::OUT_F32) {
-          // 32 columns (128 bytes) per box row; the pair sits at byte 32 (jj % 4) + 8 (lane % 4)
-          const u32 chunk = (u32)(2 * (jj % 4) + (lane % 4) / 2);
-          st_shared_v2f(row + (u32)(jj / 4) * 8192u + ((chunk ^ swz) * 16u) + 8u * (lane % 2),
-                        v[2 * h], v[2 * h + 1]);
-        } else {
-          // 64 columns per box row; the pair sits at byte 16 (jj % 8) + 4 (lane % 4)
-          const u32 chunk = (u32)(jj % 8);
-          st_shared_u32(row + (u32)(jj / 8) * 8192u + ((chunk ^ swz) * 16u) + 4u * (lane % 4),
-                        pack_out<C>(v[2 * h], v[2 * h + 1]));
-        }
-      }
-    }
-    fence_proxy_async_smem();  // the generic-proxy writes, visible to the TMA unit
-    named_barrier_sync(bar_id, 128);
-    if (wtid == 0) {
+      for (int jj = 0; jj < GROUPS; ++jj) {
+        const float* v = &acc[mb][4 * (pass * GROUPS + jj)];
 #pragma unroll
-      for (int b = 0; b < BOXES; ++b) {
-        const int col = t.n_block * C::OUT_BN + pass * PASS_COLS + b * C::TS_BOX_COLS;
-        if (col < g.n_out) {
-          if (C::ACCUM) {
-            tma_store_add_3d(&g.c, stage + (u32)b * 8192u, col, row_in_e, t.expert);
+        for (int h = 0; h < 2; ++h) {
+          const u32 row = stage + (u32)(r_lo + 8 * h) * 128u;
+          if (C::OUT_F32) {
+            // 32 columns (128 bytes) per box row; the pair sits at byte 32 (jj % 4) + 8 (lane % 4)
+            const u32 chunk = (u32)(2 * (jj % 4) + (lane % 4) / 2);
+            st_shared_v2f(row + (u32)(jj / 4) * 8192u + ((chunk ^ swz) * 16u) + 8u * (lane % 2),
+                          v[2 * h], v[2 * h + 1]);
           } else {
-            tma_store_3d(&g.c, stage + (u32)b * 8192u, col, row_in_e, t.expert);
+            // 64 columns per box row; the pair sits at byte 16 (jj % 8) + 4 (lane % 4)
+            const u32 chunk = (u32)(jj % 8);
+            st_shared_u32(row + (u32)(jj / 8) * 8192u + ((chunk ^ swz) * 16u) + 4u * (lane % 4),
+                          pack_out<C>(v[2 * h], v[2 * h + 1]));
           }
         }
       }
-      bulk_commit_group();
+      fence_proxy_async_smem();  // the generic-proxy writes, visible to the TMA unit
+      named_barrier_sync(bar_id, 128);
+      if (wtid == 0) {
+#pragma unroll
+        for (int b = 0; b < BOXES; ++b) {
+          const int col = t.n_block * C::OUT_BN + pass * PASS_COLS + b * C::TS_BOX_COLS;
+          if (col < g.n_out) {
+            if (C::ACCUM) {
+              tma_store_add_3d(&g.c, stage + (u32)b * 8192u, col, row_in_e, t.expert);
+            } else {
+              tma_store_3d(&g.c, stage + (u32)b * 8192u, col, row_in_e, t.expert);
+            }
+          }
+        }
+        bulk_commit_group();
+      }
     }
   }
 }

@@ -146,7 +146,11 @@ __device__ __forceinline__ void grouped_gemm(const GroupedGemmArgs& g, const Hoo
       const int active = t.rows > 64 ? 2 : 1;
       consumer_mainloop<C>(acc, ring, pos, t, 0, active, wtid, 1 + cw, 128);
       if (sched.has_tile_after(slot)) named_barrier_arrive(cw == 0 ? 4 : 5, 256);
-      epilogue_store<C>(acc, g, t, t.row_begin, t.rows, stage, wtid, 1 + cw);
+      if constexpr (C::TSTORE) {
+        epilogue_tma_store<C>(acc, g, t, cw, stage, wtid, 1 + cw);
+      } else {
+        epilogue_store<C>(acc, g, t, t.row_begin, t.rows, stage, wtid, 1 + cw);
+      }
     } else if constexpr (C::SWAP) {
       float acc[C::ACC_N];
       swap_mainloop<C>(acc, ring, pos, t, cw);

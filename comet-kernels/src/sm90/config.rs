@@ -65,10 +65,11 @@ pub struct Sm90Config {
     /// L2 eviction hints: activations `evict_last` (re-read across n-tiles), weights
     /// `evict_first` (streamed).
     pub l2_hint: bool,
-    /// Weight gradients only (cooperative, single CTA, `bm = 128`): the epilogue stages each
-    /// warpgroup's rows in shared memory and the TMA unit stores them (an f32 accumulate is
-    /// a reduce-add in L2), so the consumers start the next tile's mainloop while the store
-    /// drains. The staging takes 64 KiB: at most 3 stages of 128x256.
+    /// Weight gradients only (single CTA, `bm = 128`, cooperative or ping-pong): the
+    /// epilogue stages each warpgroup's rows in shared memory and the TMA unit stores them
+    /// (an f32 accumulate is a reduce-add in L2), so the consumers start the next tile's
+    /// mainloop while the store drains. The staging takes 64 KiB, or 32 KiB (in more passes)
+    /// where the ring leaves no room for that.
     pub tma_store: bool,
     /// Swap-AB (forward and dgrad; cooperative 128x256, single CTA, 16-bit C): the weights
     /// are wgmma's A, 128 weight rows per tile, and the tokens its B, so an expert's tokens
@@ -229,10 +230,14 @@ impl Sm90Config {
     /// `bm x 64` elements of A and `bn x 64` of B.
     pub fn smem_bytes(&self, experts: usize) -> usize {
         let ring = self.stages as usize * (self.bm as usize + self.bn as usize) * BK as usize * 2;
-        // Two staging tiles (one per consumer warpgroup): 64x72 16-bit, or 32 KiB for the
-        // TMA-store epilogue.
+        // Two staging tiles (one per consumer warpgroup): 64x72 16-bit, or for the TMA-store
+        // epilogue 32 KiB each (16 KiB where the ring leaves no room: TS_WG_BYTES).
         let staging = if self.tma_store {
-            2 * 32768
+            if ring + 2 * 32768 + 4096 <= 232_448 - 1024 {
+                2 * 32768
+            } else {
+                2 * 16384
+            }
         } else {
             2 * 64 * (64 + 8) * 2
         };
@@ -248,15 +253,10 @@ impl Sm90Config {
         if self.bn != 128 && self.bn != 256 {
             return bad("bn must be 128 or 256");
         }
-        if self.tma_store
-            && (kind != GemmKind::Wgrad
-                || self.schedule != Schedule::Cooperative
-                || self.cluster != 1
-                || self.bm != 128)
-        {
+        if self.tma_store && (kind != GemmKind::Wgrad || self.cluster != 1 || self.bm != 128) {
             return bad(
-                "the TMA-store epilogue is for weight gradients with the cooperative schedule, \
-                 one CTA per cluster and bm = 128",
+                "the TMA-store epilogue is for weight gradients with one CTA per cluster and \
+                 bm = 128",
             );
         }
         if self.swap
@@ -553,11 +553,6 @@ mod tests {
                 ..Sm90Config::WGRAD_TS
             },
             Sm90Config {
-                schedule: Schedule::PingPong,
-                bn: 128,
-                ..Sm90Config::WGRAD_TS
-            },
-            Sm90Config {
                 bm: 256,
                 bn: 128,
                 ..Sm90Config::WGRAD_TS
@@ -572,6 +567,13 @@ mod tests {
         // 256 experts still fit the 227 KiB a block can opt in to.
         assert_eq!(ts.smem_bytes(1), 1024 + 3 * 49152 + 65536 + 48 + 16);
         assert!(ts.smem_bytes(256) <= 232_448);
+        // Ping-pong with 6 stages of 32 KiB leaves room for 16 KiB of staging per warpgroup.
+        let pp = Sm90Config {
+            tma_store: true,
+            ..Sm90Config::PINGPONG_128
+        };
+        pp.validate(GemmKind::Wgrad, Epilogue::None).unwrap();
+        assert_eq!(pp.smem_bytes(1), 1024 + 6 * 32768 + 2 * 16384 + 96 + 16);
         let d = ts.defines(GemmKind::Wgrad, Epilogue::None, false, false);
         assert_eq!(d["SM90_TSTORE"], "1");
         assert_eq!(d["SM90_STAGES"], "3");

@@ -657,6 +657,13 @@ fn wgrad_f32_and_accumulate() {
         ("coop128x6", Sm90Config::COOP_128),
         ("t256x4", Sm90Config::TALL_256),
         ("ts256h", Sm90Config::WGRAD_TS),
+        (
+            "tspp128",
+            Sm90Config {
+                tma_store: true,
+                ..Sm90Config::PINGPONG_128
+            },
+        ),
     ];
     let mut seed = 400;
     for (name, cfg) in configs {
