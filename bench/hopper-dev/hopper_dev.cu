@@ -577,6 +577,12 @@ struct BaseResult {
 };
 
 static int g_iters = 30;
+/// --balanced: every expert gets the same rows (the rest spread one by one), so no m-tile is
+/// partial where tokens x k / E is a multiple of 128: the kernel without routing raggedness.
+static bool g_balanced = false;
+/// --time-all: time variants whose checks failed too (diagnostic builds).
+static bool g_time_all = false;
+
 static int g_sms = 132;
 static uint64_t g_seed = 12345;
 static std::vector<Result> g_results;
@@ -744,7 +750,7 @@ static void run_problem(cublasHandle_t h, const Problem& p, const std::vector<Va
     if (!res.pass) g_failures++;
     res.ms = 0;
     res.tflops = 0;
-    if (do_timing && p.timed && res.pass) {
+    if (do_timing && p.timed && (res.pass || g_time_all)) {
       // Back-to-back launches with an event between each: host work (encode, launch) overlaps
       // the previous kernel, so the intervals are device time per launch.
       std::vector<GroupedGemmArgs> args(nsets);
@@ -836,6 +842,10 @@ static std::vector<Problem> preset_problems(int tokens) {
   uint64_t seed = 7;
   for (const Preset& ps : kPresets) {
     std::vector<int> c = route_counts(tokens, ps.E, ps.k, seed++);
+    if (g_balanced) {
+      const int rows = tokens * ps.k;
+      for (int e = 0; e < ps.E; ++e) c[e] = rows / ps.E + (e < rows % ps.E ? 1 : 0);
+    }
     std::string n = ps.name;
     auto add = [&](std::string s, int mode, int epi, int p0, int p1) {
       Problem p = mk(n + "." + s, mode, epi, ps.E, c, p0, p1);
@@ -912,8 +922,10 @@ int main(int argc, char** argv) {
     else if (a == "--iters" && i + 1 < argc) g_iters = atoi(argv[++i]);
     else if (a == "--variants" && i + 1 < argc) variants = "," + std::string(argv[++i]) + ",";
     else if (a == "--tokens" && i + 1 < argc) tokens = atoi(argv[++i]);
+    else if (a == "--balanced") g_balanced = true;
+    else if (a == "--time-all") g_time_all = true;
     else {
-      fprintf(stderr, "usage: %s [--small] [--no-timing] [--json FILE] [--only SUBSTR] [--iters N] [--variants A,B,..] [--tokens N]\n", argv[0]);
+      fprintf(stderr, "usage: %s [--small] [--no-timing] [--json FILE] [--only SUBSTR] [--iters N] [--variants A,B,..] [--tokens N] [--balanced] [--time-all]\n", argv[0]);
       return 2;
     }
   }
