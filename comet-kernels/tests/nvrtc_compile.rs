@@ -235,6 +235,23 @@ fn sm90_variants() -> Vec<(Program, Defines, String)> {
             }
         }
     }
+    // Ping-pong with the TMA-store epilogue (weight gradients; sm90 wgrad test), f32 output.
+    let tspp = sm90::Sm90Config {
+        tma_store: true,
+        ..sm90::Sm90Config::PINGPONG_128
+    };
+    for store in sm90_stores() {
+        if tspp
+            .validate_store(GemmKind::Wgrad, Epilogue::None, store)
+            .is_ok()
+        {
+            v.push((
+                sm90::program(),
+                tspp.defines_store(GemmKind::Wgrad, Epilogue::None, false, store),
+                format!("sm90-tspp128-Wgrad-{store:?}"),
+            ));
+        }
+    }
     // The f16 store variants the sm90 GPU tests run.
     let [_, acc, aux] = sm90_stores();
     let hinted = |c: sm90::Sm90Config| sm90::Sm90Config { l2_hint: true, ..c };
