@@ -28,16 +28,18 @@
 //! not those of `comet-sched`'s orders.
 //!
 //! Weight gradients can run the TMA-store epilogue ([`Sm90Config::tma_store`],
-//! [`Sm90Config::WGRAD_TS`]). Each consumer warpgroup stages its rows in shared memory and the
-//! TMA unit stores them, or for an f32 accumulate adds them in L2, through a map over C that
-//! clips each expert's rows. The warpgroup then starts its next tile while the store drains.
+//! [`Sm90Config::WGRAD_TS`]; cooperative or ping-pong). Each consumer warpgroup stages its
+//! rows in shared memory and the TMA unit stores them, or for an f32 accumulate adds them in
+//! L2, through a map over C that clips each expert's rows. The warpgroup then starts its next
+//! tile while the store drains.
 //! [`Sm90Config::choose_for`] picks it for weight gradients, except for an accumulating one at
 //! ≤ 384 rows per expert, which runs faster from registers.
 //!
 //! Layouts are those of [`crate::gemm`]: forward `A[rows, K] · W_g[N, K]ᵀ`, dgrad
 //! `A[rows, N] · W_g[N, K]` (N-major B through wgmma's transpose bit) and wgrad
-//! `Σ_r A[r, N]ᵀ B[r, K]` per expert (K-grouped: rows past the expert are zeroed in shared
-//! memory). Use [`grouped_gemm`] on compute capability 9.0; [`supports`] says whether a
+//! `Σ_r A[r, N]ᵀ B[r, K]` per expert (K-grouped: an expert's last k-block issues only the
+//! k16 steps that hold its rows, and the rows from its end to the next multiple of 16 are
+//! zeroed in shared memory). Use [`grouped_gemm`] on compute capability 9.0; [`supports`] says whether a
 //! problem fits this engine (else the portable `mma.sync` engine of [`crate::gemm`] runs it).
 
 mod config;
