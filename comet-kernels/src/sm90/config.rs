@@ -225,15 +225,19 @@ impl Sm90Config {
     }
 
     /// Dynamic shared memory for `experts` experts; must equal `Config::smem_bytes` (the NVRTC
-    /// entry point `static_assert`s it): 1 KiB alignment slack, the ring, two 64x72 bf16
-    /// staging tiles, 16 bytes of barriers per stage, 8 bytes per expert + 8. A stage holds
+    /// entry point `static_assert`s it): 1 KiB alignment slack, the ring, two staging
+    /// tiles (64x72 16-bit, or the TMA-store epilogue's), 16 bytes of barriers per stage, 8
+    /// bytes per expert + 8. A stage holds
     /// `bm x 64` elements of A and `bn x 64` of B.
     pub fn smem_bytes(&self, experts: usize) -> usize {
         let ring = self.stages as usize * (self.bm as usize + self.bn as usize) * BK as usize * 2;
         // Two staging tiles (one per consumer warpgroup): 64x72 16-bit, or for the TMA-store
-        // epilogue 32 KiB each (16 KiB where the ring leaves no room: TS_WG_BYTES).
+        // epilogue 32 KiB each, or 16 KiB where the ring leaves no room for that: config.cuh's
+        // TS_WG_BYTES (4 KiB kept for barriers and the scheduler, 1 KiB alignment slack, out
+        // of the 227 KiB a block can opt in to on sm_90).
+        const SMEM_OPTIN: usize = 232_448;
         let staging = if self.tma_store {
-            if ring + 2 * 32768 + 4096 <= 232_448 - 1024 {
+            if ring + 2 * 32768 + 4096 <= SMEM_OPTIN - 1024 {
                 2 * 32768
             } else {
                 2 * 16384
