@@ -227,8 +227,7 @@ impl Sm90Config {
     /// Dynamic shared memory for `experts` experts; must equal `Config::smem_bytes` (the NVRTC
     /// entry point `static_assert`s it): 1 KiB alignment slack, the ring, two staging
     /// tiles (64x72 16-bit, or the TMA-store epilogue's), 16 bytes of barriers per stage, 8
-    /// bytes per expert + 8. A stage holds
-    /// `bm x 64` elements of A and `bn x 64` of B.
+    /// bytes per expert + 8. A stage holds `bm x 64` elements of A and `bn x 64` of B.
     pub fn smem_bytes(&self, experts: usize) -> usize {
         let ring = self.stages as usize * (self.bm as usize + self.bn as usize) * BK as usize * 2;
         // Two staging tiles (one per consumer warpgroup): 64x72 16-bit, or for the TMA-store
