@@ -283,7 +283,7 @@ long long count_tiles(const Problem& p) {
   long long nt = (p.n_out() + C::OUT_BN - 1) / C::OUT_BN;
   if (C::MODE == MODE_WGRAD) return (long long)p.E * ((p.p0 + C::BM - 1) / C::BM) * nt;
   long long mt = 0;
-  for (int c : p.counts) mt += C::SWAP ? swap_chunks(c) : (c + C::BM - 1) / C::BM;
+  for (int c : p.counts) mt += C::SWAP ? swap_chunks(c, C::SWAP_N) : (c + C::BM - 1) / C::BM;
   return mt * nt;
 }
 
@@ -298,6 +298,10 @@ GroupedGemmArgs prepare_variant(const Problem& p, const Buffers& b) {
     uint64_t sa[1] = {(uint64_t)K * 2};
     uint32_t ba[2] = {64, C::SWAP ? (uint32_t)C::SWAP_BOX_ROWS : 128u};
     g.a = make_map(b.A, 2, da, sa, ba, f16);
+    if (C::SWAP && C::SWAP_N > 256) {  // tokens 256..271 of a chunk: one box of 16 rows
+      uint32_t bt[2] = {64, 16};
+      g.c = make_map(b.A, 2, da, sa, bt, f16);
+    }
     const int P = C::EPI == EPI_SWIGLU ? 2 : 1;
     const uint64_t Nh = (uint64_t)N / P;
     uint64_t db[4] = {(uint64_t)K, Nh, (uint64_t)P, (uint64_t)p.E};
@@ -317,6 +321,10 @@ GroupedGemmArgs prepare_variant(const Problem& p, const Buffers& b) {
     uint64_t sa[1] = {(uint64_t)N * 2};
     uint32_t ba[2] = {64, C::SWAP ? (uint32_t)C::SWAP_BOX_ROWS : 128u};
     g.a = make_map(b.A, 2, da, sa, ba, f16);
+    if (C::SWAP && C::SWAP_N > 256) {  // tokens 256..271 of a chunk: one box of 16 rows
+      uint32_t bt[2] = {64, 16};
+      g.c = make_map(b.A, 2, da, sa, bt, f16);
+    }
     uint64_t db[3] = {(uint64_t)Ko, (uint64_t)N, (uint64_t)p.E};
     uint64_t sb[2] = {(uint64_t)Ko * 2, (uint64_t)N * Ko * 2};
     uint32_t bb[3] = {64, 64, 1};
@@ -443,6 +451,18 @@ static std::vector<Variant> all_variants() {
   SWAPV(MODE_DGRAD, EPI_NONE, false, 0, "swap");
   SWAPV(MODE_DGRAD, EPI_NONE, false, 1, "swaph");
 #undef SWAPV
+  // swap-AB with chunks of up to 272 tokens (an expert of <= 272 rows reads its weights once)
+#define SWAPW(MODE, EPI, F16, H, NAME)                                                        \
+  v.push_back(make_variant<Config<MODE, 256, false, 4, EPI, F16, F16, 16, 1, H, false, false, \
+                                  false, 128, false, true, 272>>(NAME))
+  SWAPW(MODE_FWD, EPI_NONE, false, 0, "swapw");
+  SWAPW(MODE_FWD, EPI_NONE, false, 1, "swapwh");
+  SWAPW(MODE_FWD, EPI_SWIGLU, false, 1, "swapwh");
+  SWAPW(MODE_FWD, EPI_GELU, false, 1, "swapwh");
+  SWAPW(MODE_FWD, EPI_NONE, true, 1, "swapwh");
+  SWAPW(MODE_DGRAD, EPI_NONE, false, 0, "swapw");
+  SWAPW(MODE_DGRAD, EPI_NONE, false, 1, "swapwh");
+#undef SWAPW
   // weight gradients with the TMA-store epilogue
   v.push_back(make_variant<Config<MODE_WGRAD, 256, false, 3, EPI_NONE, false, false, 16, 1, 0, false, false, false, 128, true>>("ts256x3"));
   v.push_back(make_variant<Config<MODE_WGRAD, 256, false, 3, EPI_NONE, false, false, 16, 1, 1, false, false, false, 128, true>>("ts256h"));
@@ -927,6 +947,15 @@ static std::vector<Problem> edge_problems() {
     v.push_back(p);
   }
   v.push_back(mk("edge.dgrad.ragged", MODE_DGRAD, EPI_NONE, 4, {0, 3, 200, 129}, 1000, 200));
+  // experts around swap-AB's chunk limits (256, 272): one chunk of 256 + 16, two chunks
+  v.push_back(mk("edge.fwd.chunks", MODE_FWD, EPI_NONE, 7, {256, 257, 270, 272, 273, 300, 545},
+                 704, 264));
+  {
+    Problem p = mk("edge.swiglu.chunks", MODE_FWD, EPI_SWIGLU, 3, {271, 3, 290}, 512, 400);
+    p.scale = true;
+    v.push_back(p);
+  }
+  v.push_back(mk("edge.dgrad.chunks", MODE_DGRAD, EPI_NONE, 3, {265, 0, 272}, 1000, 200));
   {
     Problem p = mk("edge.dgrad.reversed", MODE_DGRAD, EPI_NONE, 4, {0, 3, 200, 129}, 704, 264);
     p.reversed = true;

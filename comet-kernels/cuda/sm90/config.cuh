@@ -63,10 +63,14 @@ enum : int {
 ///            epilogue transposes through the staging tile. SwiGLU tiles load gate and up
 ///            rows interleaved by 8 (box {64, 8, 2, 1}), so a thread holds both halves of
 ///            its outputs; such a tile has 64 output columns, else 128.
+///  SWAP_N:   SWAP only: the largest token chunk, 256 or 272. With 272 an expert of up to
+///            272 rows is one chunk (wgmma N = 256 plus a second N = 16 wgmma on the same
+///            weight rows), so each of its weight tiles is read once; the ring's token part
+///            grows to 272 rows (4 stages still fit) and its TMA boxes shrink to 16 rows.
 template <int MODE_, int BN_, bool PINGPONG_, int STAGES_, int EPI_, bool IN_F16_ = false,
           bool OUT_F16_ = false, int BAND_ = 16, int CLUSTER_ = 1, int L2HINT_ = 0,
           bool OUT_F32_ = false, bool ACCUM_ = false, bool AUX_ = false, int BM_ = 128,
-          bool TSTORE_ = false, bool SWAP_ = false>
+          bool TSTORE_ = false, bool SWAP_ = false, int SWAP_N_ = 256>
 struct Config {
   static constexpr int MODE = MODE_;
   static constexpr int BM = BM_;
@@ -85,6 +89,10 @@ struct Config {
   static constexpr bool AUX = AUX_;
   static constexpr bool TSTORE = TSTORE_;
   static constexpr bool SWAP = SWAP_;
+  /// SWAP: largest token chunk (wgmma N, summed over the k16 step's wgmma instructions).
+  static constexpr int SWAP_N = SWAP_N_;
+  /// SWAP: f32 accumulators per thread (SWAP_N / 2).
+  static constexpr int SWAP_ACC = SWAP_N / 2;
   static constexpr bool KGROUPED = MODE == MODE_WGRAD;
   // wgmma's A stored M-major in shared memory: wgrad's A; swap-AB dgrad's weights
   static constexpr bool A_MN = SWAP ? MODE == MODE_DGRAD : MODE == MODE_WGRAD;
@@ -101,14 +109,15 @@ struct Config {
       SWAP ? (EPI == EPI_SWIGLU ? 64 : 128) : (EPI == EPI_SWIGLU ? BN / 2 : BN);
   /// SWAP: output columns of a consumer warpgroup's 64 accumulator rows.
   static constexpr int SWAP_WG_COLS = EPI == EPI_SWIGLU ? 32 : 64;
-  /// SWAP: token rows per TMA box of the activation operand.
+  /// SWAP: token rows per TMA box of the activation operand (tokens 0..255 of a chunk; with
+  /// SWAP_N = 272 tokens 256..271 are one box of 16 rows through g.c).
   static constexpr int SWAP_BOX_ROWS = 32;
   // Arrivals that free a stage: one per consuming warp; with clusters, the consuming warps of
   // both CTAs (every stage, shared or not: see grouped_gemm_cluster_roles).
   static constexpr int EMPTY_ARRIVALS = CLUSTER == 2 ? 16 : PINGPONG ? 4 : 8;
 
   static constexpr int A_STAGE_BYTES = BM * BK * 2;
-  static constexpr int B_STAGE_BYTES = BN * BK * 2;
+  static constexpr int B_STAGE_BYTES = (SWAP ? SWAP_N : BN) * BK * 2;
   static constexpr int STAGE_BYTES = A_STAGE_BYTES + B_STAGE_BYTES;
   static constexpr int EPI_PITCH = (64 + 8) * 2;  // bytes per staged row (padded: no bank conflicts)
   /// TSTORE: staging per warpgroup, in boxes of 64 rows x 128 bytes (TS_BOX_COLS columns):
@@ -152,6 +161,7 @@ struct Config {
   static_assert(!SWAP || (MODE != MODE_WGRAD && BN == 256 && BM == 128 && !PINGPONG &&
                           CLUSTER == 1 && !OUT_F32 && !TSTORE),
                 "swap-AB: forward/dgrad, cooperative 128 x 256, single CTA, 16-bit output");
+  static_assert(SWAP_N == 256 || (SWAP && SWAP_N == 272), "SWAP_N: 256, or 272 with SWAP");
   static_assert(!TSTORE || TS_SLAB_BYTES <= TS_WG_BYTES || TS_SLAB_BYTES == TS_PASSES * TS_WG_BYTES,
                 "TMA-store staging holds a whole number of passes of 64 rows");
 };
@@ -162,7 +172,8 @@ struct Config {
 ///               dims {K, Nh, P, E}, box {64, BN/2, 1, 1}.
 /// Dgrad:    a = 2D map over A [rows, N], box {64, 128};
 ///           b = 3D map over B [E][N][Kout], dims {Kout, N, E}, box {64, 64, 1}.
-/// SWAP:     a = as above with box {64, SWAP_BOX_ROWS} (token chunks); b = forward: box
+/// SWAP:     a = as above with box {64, SWAP_BOX_ROWS} (token chunks; SWAP_N = 272: c = the
+///               same map with box {64, 16}, for tokens 256..271); b = forward: box
 ///               {64, 128, 1, 1}, SwiGLU {64, 8, 2, 1} (8 gate rows, then the same 8 up
 ///               rows); dgrad: as above.
 /// Wgrad:    a = 2D map over A [rows, M] (M = m_out), box {64, 64};
@@ -174,7 +185,8 @@ struct GroupedGemmArgs {
   TmaDesc b;
   TmaDesc c;                   ///< Config::TSTORE: 3D map over out [E][m_out][ldo], dims
                                ///< {n_out, m_out, E}, box {TS_BOX_COLS, 64, 1}, 128-byte
-                               ///< swizzle; else unused
+                               ///< swizzle; SWAP with SWAP_N = 272: the map `a` with box
+                               ///< {64, 16}; else unused
   void* out;                   ///< output rows, ldo elements apart (16-byte aligned)
   const int* expert_offsets;   ///< [E + 1] row offsets (device), non-decreasing
   const float* row_scale;      ///< optional [rows] factor per output row (forward/dgrad)

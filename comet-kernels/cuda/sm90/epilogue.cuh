@@ -351,7 +351,7 @@ __device__ __forceinline__ void epilogue_store(const float (&acc)[C::MW][C::ACC_
 /// -> global (16-byte stores per row), first the pre-activation parts (AUX), then the
 /// output. Tokens past the chunk and columns past n_out are never written.
 template <class C>
-__device__ __forceinline__ void epilogue_swap(const float (&acc)[C::ACC_N],
+__device__ __forceinline__ void epilogue_swap(const float (&acc)[C::SWAP_ACC],
                                               const GroupedGemmArgs& g, const Tile& t, int cw,
                                               u32 stage, int wtid, int bar_id) {
   constexpr bool GLU = C::EPI == EPI_SWIGLU;
@@ -367,7 +367,7 @@ __device__ __forceinline__ void epilogue_swap(const float (&acc)[C::ACC_N],
   char* out = reinterpret_cast<char*>(g.out);
   char* aux = reinterpret_cast<char*>(g.aux);
 #pragma unroll
-  for (int pass = 0; pass < C::BN / 64; ++pass) {
+  for (int pass = 0; pass < (C::SWAP_N + 63) / 64; ++pass) {
     const int rows_blk = t.rows - 64 * pass;
     if (rows_blk <= 0) break;
     const int grow0 = t.row_begin + 64 * pass;
@@ -380,7 +380,13 @@ __device__ __forceinline__ void epilogue_swap(const float (&acc)[C::ACC_N],
 #pragma unroll
       for (int jj = 0; jj < 8; ++jj) {
         const int n = 8 * jj + tok;  // token in the pass
-        const float* a = &acc[4 * (8 * pass + jj)];
+        // (SWAP_N = 272: the last pass holds only 16 tokens; the groups past them are zero.
+        // The loops are unrolled, so `in` and the indices are compile-time constants.)
+        const int base = 4 * (8 * pass + jj);
+        const bool in = base < C::SWAP_ACC;
+        float a[4];
+#pragma unroll
+        for (int q = 0; q < 4; ++q) a[q] = in ? acc[in ? base + q : 0] : 0.f;
         float s0 = 1.0f, s1 = 1.0f;
         if (is_out && g.row_scale != nullptr) {
           if (n < rows_blk) s0 = g.row_scale[grow0 + n];

@@ -83,7 +83,7 @@ __device__ __forceinline__ void grouped_gemm(const GroupedGemmArgs& g, const Hoo
   int* s_off = reinterpret_cast<int*>(gbase + C::OFF_SCHED);
   int* s_pref = s_off + (g.num_experts + 1);
   const Ring<C> ring{base};
-  using Sched = GroupedScheduler<C::BM, C::BAND, C::KGROUPED, C::SWAP>;
+  using Sched = GroupedScheduler<C::BM, C::BAND, C::KGROUPED, C::SWAP, C::SWAP_N>;
 
   if (threadIdx.x == 0) {
     for (int s = 0; s < C::STAGES; ++s) {
@@ -95,6 +95,7 @@ __device__ __forceinline__ void grouped_gemm(const GroupedGemmArgs& g, const Hoo
   if (threadIdx.x == 32) {
     tma_prefetch_desc(&g.a);
     tma_prefetch_desc(&g.b);
+    if (C::TSTORE || (C::SWAP && C::SWAP_N > 256)) tma_prefetch_desc(&g.c);
   }
   const int n_tiles = (g.n_out + C::OUT_BN - 1) / C::OUT_BN;
   Sched sched = Sched::setup(s_off, s_pref, g.expert_offsets, g.num_experts, n_tiles, g.m_out,
@@ -152,7 +153,7 @@ __device__ __forceinline__ void grouped_gemm(const GroupedGemmArgs& g, const Hoo
         epilogue_store<C>(acc, g, t, t.row_begin, t.rows, stage, wtid, 1 + cw);
       }
     } else if constexpr (C::SWAP) {
-      float acc[C::ACC_N];
+      float acc[C::SWAP_ACC];
       swap_mainloop<C>(acc, ring, pos, t, cw);
       epilogue_swap<C>(acc, g, t, cw, stage, wtid, 1 + cw);
     } else {

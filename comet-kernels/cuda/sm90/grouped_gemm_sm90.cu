@@ -33,11 +33,14 @@
 #ifndef SM90_SWAP
 #define SM90_SWAP 0
 #endif
+#ifndef SM90_SWAP_N
+#define SM90_SWAP_N 256
+#endif
 
 typedef comet_sm90::Config<SM90_MODE, SM90_BN, SM90_PINGPONG != 0, SM90_STAGES, SM90_EPI,
                            SM90_IN_F16 != 0, SM90_OUT_F16 != 0, SM90_BAND, SM90_CLUSTER,
                            SM90_L2HINT, SM90_OUT_F32 != 0, SM90_ACCUM != 0, SM90_AUX != 0,
-                           SM90_BM, SM90_TSTORE != 0, SM90_SWAP != 0>
+                           SM90_BM, SM90_TSTORE != 0, SM90_SWAP != 0, SM90_SWAP_N>
     comet_sm90_config;
 
 #ifdef SM90_SMEM_ONE_EXPERT

@@ -62,8 +62,11 @@ __device__ __forceinline__ void load_stage(const GroupedGemmArgs& g, const Ring<
     // wgmma's A: 128 weight rows; B: the chunk's tokens in boxes of SWAP_BOX_ROWS rows (the
     // rows past the chunk that wgmma's N rounds up to are loaded too, and never stored).
     const int kc = kb * C::BK;
-    const int boxes = (t.rows + C::SWAP_BOX_ROWS - 1) / C::SWAP_BOX_ROWS;
-    mbar_arrive_expect_tx(bar, C::A_STAGE_BYTES + boxes * C::SWAP_BOX_ROWS * C::BK * 2);
+    const int rows0 = t.rows < 256 ? t.rows : 256;  // tokens in SWAP_BOX_ROWS boxes
+    const int boxes = (rows0 + C::SWAP_BOX_ROWS - 1) / C::SWAP_BOX_ROWS;
+    const bool tail16 = C::SWAP_N > 256 && t.rows > 256;  // tokens 256..271 (g.c)
+    mbar_arrive_expect_tx(bar, C::A_STAGE_BYTES + boxes * C::SWAP_BOX_ROWS * C::BK * 2 +
+                                   (tail16 ? 16 * C::BK * 2 : 0));
     if (C::MODE == MODE_FWD && C::EPI == EPI_SWIGLU) {
       // 8 groups of {8 gate rows, the same 8 up rows}: box {64, 8, 2, 1}, 2 KiB each
 #pragma unroll
@@ -83,6 +86,7 @@ __device__ __forceinline__ void load_stage(const GroupedGemmArgs& g, const Ring<
       tma_load_2d(sb + i * (C::SWAP_BOX_ROWS * 128), &g.a, bar, kc,
                   t.row_begin + C::SWAP_BOX_ROWS * i, pol_a);
     }
+    if (tail16) tma_load_2d(sb + 256 * 128, &g.c, bar, kc, t.row_begin + 256, pol_a);
     return;
   }
   mbar_arrive_expect_tx(bar, C::STAGE_BYTES);
@@ -355,13 +359,20 @@ __device__ __forceinline__ void consumer_mainloop(float (&acc)[C::MW][C::ACC_N],
 }
 
 /// Swap-AB consumer mainloop with wgmma N = N_ (the tile's chunk rounded up to 16): the
-/// warpgroup's 64 weight rows (A block `ablk`) times the chunk's tokens. acc[N_/2 ..] are
-/// left as they are (columns past the chunk, never stored).
+/// warpgroup's 64 weight rows (A block `ablk`) times the chunk's tokens. Past N = 256 (only
+/// Config::SWAP_N = 272) each k16 step issues a second wgmma for tokens 256 .. N_ on the
+/// same weight rows, into acc[128 ..]. acc[N_/2 ..] are left as they are (columns past the
+/// chunk, never stored).
 template <class C, int N_>
-__device__ __forceinline__ void swap_mainloop_n(float (&acc)[C::ACC_N], const Ring<C>& ring,
+__device__ __forceinline__ void swap_mainloop_n(float (&acc)[C::SWAP_ACC], const Ring<C>& ring,
                                                 RingPos& pos, int kbs, int ablk) {
-  static_assert(N_ % 16 == 0 && N_ <= C::BN, "swap-AB wgmma N");
-  float(&d)[N_ / 2] = *reinterpret_cast<float(*)[N_ / 2]>(&acc[0]);
+  constexpr int N1 = N_ < 256 ? N_ : 256;  // first wgmma: tokens 0 .. N1
+  constexpr int N2 = N_ - N1;              // second wgmma: tokens 256 .. N_ (or none)
+  static_assert(N_ % 16 == 0 && N_ <= C::SWAP_N, "swap-AB wgmma N");
+  float(&d)[N1 / 2] = *reinterpret_cast<float(*)[N1 / 2]>(&acc[0]);
+  // (N2 = 0: an alias of d that is never used)
+  float(&d2)[N2 > 0 ? N2 / 2 : 1] =
+      *reinterpret_cast<float(*)[N2 > 0 ? N2 / 2 : 1]>(&acc[N2 > 0 ? 128 : 0]);
   const u32 lane = threadIdx.x % 32;
   int prev = 0;
   for (int kb = 0; kb < kbs; ++kb) {
@@ -369,9 +380,16 @@ __device__ __forceinline__ void swap_mainloop_n(float (&acc)[C::ACC_N], const Ri
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < C::BK / 16; ++kk) {
-      Wgmma<N_, C::IN_F16, C::A_MN ? 1 : 0, 0>::mma(d, desc_a<C>(ring, pos.stage, ablk, kk),
-                                                   desc_b<C>(ring, pos.stage, kk),
-                                                   (kb | kk) != 0);
+      const u64 da = desc_a<C>(ring, pos.stage, ablk, kk);
+      Wgmma<N1, C::IN_F16, C::A_MN ? 1 : 0, 0>::mma(d, da, desc_b<C>(ring, pos.stage, kk),
+                                                    (kb | kk) != 0);
+      if constexpr (N2 > 0) {
+        // tokens 256..: 256 rows x 128 bytes further into the stage's token part (a whole
+        // number of 1024-byte swizzle atoms, so the same descriptor form applies)
+        Wgmma<N2, C::IN_F16, C::A_MN ? 1 : 0, 0>::mma(
+            d2, da, smem_desc_kmajor_sw128(ring.b(pos.stage) + 256 * 128 + kk * 32),
+            (kb | kk) != 0);
+      }
     }
     wgmma_commit();
     wgmma_wait<1>();
@@ -381,18 +399,22 @@ __device__ __forceinline__ void swap_mainloop_n(float (&acc)[C::ACC_N], const Ri
   }
   wgmma_wait<0>();
 #pragma unroll
-  for (int i = 0; i < N_ / 2; ++i) reg_fence(d[i]);
+  for (int i = 0; i < N1 / 2; ++i) reg_fence(d[i]);
+  if constexpr (N2 > 0) {
+#pragma unroll
+    for (int i = 0; i < N2 / 2; ++i) reg_fence(d2[i]);
+  }
   if (kbs > 0 && lane == 0) release_stage<C>(ring, prev, RELEASE_LOCAL, 0);
   if (kbs == 0) {  // K = 0: the product is zero
 #pragma unroll
-    for (int i = 0; i < N_ / 2; ++i) d[i] = 0.f;
+    for (int i = 0; i < N_ / 2; ++i) acc[i] = 0.f;
   }
 }
 
 /// Swap-AB consumer mainloop for tile t: dispatches on the chunk's wgmma N (a multiple of
 /// 16; one instantiation each, so the branch is taken once per tile and is warp-uniform).
 template <class C>
-__device__ __forceinline__ void swap_mainloop(float (&acc)[C::ACC_N], const Ring<C>& ring,
+__device__ __forceinline__ void swap_mainloop(float (&acc)[C::SWAP_ACC], const Ring<C>& ring,
                                               RingPos& pos, const Tile& t, int cw) {
   const int kbs = (t.k_len + C::BK - 1) / C::BK;
   switch ((t.rows + 15) / 16) {
@@ -404,10 +426,13 @@ __device__ __forceinline__ void swap_mainloop(float (&acc)[C::ACC_N], const Ring
     COMET_SWAP_CASE(5) COMET_SWAP_CASE(6) COMET_SWAP_CASE(7) COMET_SWAP_CASE(8)
     COMET_SWAP_CASE(9) COMET_SWAP_CASE(10) COMET_SWAP_CASE(11) COMET_SWAP_CASE(12)
     COMET_SWAP_CASE(13) COMET_SWAP_CASE(14) COMET_SWAP_CASE(15)
-    default:
+#undef COMET_SWAP_CASE
+    case 16:
       swap_mainloop_n<C, 256>(acc, ring, pos, kbs, cw);
       break;
-#undef COMET_SWAP_CASE
+    default:  // 17: only with SWAP_N = 272 (chunks never pass SWAP_N)
+      swap_mainloop_n<C, C::SWAP_N>(acc, ring, pos, kbs, cw);
+      break;
   }
 }
 

@@ -46,18 +46,19 @@ __device__ __forceinline__ void report_error(int* flag, int code) {
 }
 
 /// Swap-AB (Config::SWAP) token chunks: an expert of r > 0 rows is split into chunks of
-/// swap_chunk_rows(r) rows (the last one shorter): at most 256, a multiple of 16, and as
-/// near-equal as that allows (r = 257 -> 144 + 113; r = 546 -> 192 + 192 + 162).
+/// swap_chunk_rows(r, max_n) rows (the last one shorter): at most max_n (Config::SWAP_N:
+/// 256 or 272), a multiple of 16, and as near-equal as that allows (max_n 256: r = 257 ->
+/// 144 + 113; r = 546 -> 192 + 192 + 162; max_n 272: r = 270 -> 270 in one chunk).
 /// Mirrored by the Rust launcher (comet-kernels/src/sm90/config.rs): keep them in sync.
-__host__ __device__ __forceinline__ int swap_chunk_rows(int r) {
-  const int n0 = (r + 255) / 256;
+__host__ __device__ __forceinline__ int swap_chunk_rows(int r, int max_n = 256) {
+  const int n0 = (r + max_n - 1) / max_n;
   const int c = ((r + n0 - 1) / n0 + 15) & ~15;
-  return c < 256 ? c : 256;
+  return c < max_n ? c : max_n;
 }
 /// Token chunks of an expert with r rows (0 for r <= 0).
-__host__ __device__ __forceinline__ int swap_chunks(int r) {
+__host__ __device__ __forceinline__ int swap_chunks(int r, int max_n = 256) {
   if (r <= 0) return 0;
-  const int c = swap_chunk_rows(r);
+  const int c = swap_chunk_rows(r, max_n);
   return (r + c - 1) / c;
 }
 
@@ -65,7 +66,7 @@ __host__ __device__ __forceinline__ int swap_chunks(int r) {
 /// SWAP: an expert's "m-tiles" are its token chunks (swap_chunks) and its n-tiles the weight
 /// tiles; every chunk of an n-tile is visited before the next n-tile (no bands), so the
 /// chunks that share a weight tile run at about the same time.
-template <int BM, int BAND, bool KGROUPED, bool SWAP = false>
+template <int BM, int BAND, bool KGROUPED, bool SWAP = false, int SWAP_N = 256>
 struct GroupedScheduler {
   const int* s_off;   // [E + 1] row offsets (copied from global)
   const int* s_pref;  // [E + 1] exclusive prefix of m-tiles (SWAP: chunks) per expert
@@ -109,7 +110,7 @@ struct GroupedScheduler {
           const int o1 = min(max(r1, 0), rows_cap);
           smem_off[e] = o0;
           if (r0 != o0 || r1 != o1 || o1 < o0) report_error(err, ERR_BAD_OFFSETS);
-          mt = SWAP ? swap_chunks(o1 - o0) : o1 > o0 ? (o1 - o0 + BM - 1) / BM : 0;
+          mt = SWAP ? swap_chunks(o1 - o0, SWAP_N) : o1 > o0 ? (o1 - o0 + BM - 1) / BM : 0;
         }
         int incl = mt;
 #pragma unroll
@@ -172,7 +173,7 @@ struct GroupedScheduler {
       const int r = s_off[e + 1] - s_off[e];
       const int n = local / mt;
       const int m = local - n * mt;
-      const int cs = swap_chunk_rows(r);
+      const int cs = swap_chunk_rows(r, SWAP_N);
       t.expert = e;
       t.m_block = m;
       t.n_block = n;

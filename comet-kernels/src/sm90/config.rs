@@ -78,22 +78,29 @@ pub struct Sm90Config {
     /// The epilogue transposes through shared memory (`stmatrix .trans`). A tile has 128
     /// output columns (SwiGLU: 64, gate and up rows loaded interleaved by 8).
     pub swap: bool,
+    /// The largest swap-AB token chunk: 256, or 272 (swap-AB only): an expert of up to 272
+    /// rows is then one chunk, so each of its weight tiles is read once (wgmma N = 256 plus
+    /// a second N = 16 wgmma on the same weight rows). Its ring stages hold 272 token rows
+    /// and the launcher adds a token map with 16-row boxes for rows 256..271.
+    pub swap_n: u32,
 }
 
-/// Swap-AB token chunk of an expert with `rows > 0` rows: at most 256, a multiple of 16, as
-/// near-equal as that allows (257 rows: 144 + 113; 546: 192 + 192 + 162). Mirror of
-/// `swap_chunk_rows` in `cuda/sm90/scheduler.cuh`.
-pub fn swap_chunk_rows(rows: usize) -> usize {
-    let n0 = rows.div_ceil(256).max(1);
-    (rows.div_ceil(n0).div_ceil(16) * 16).min(256)
+/// Swap-AB token chunk of an expert with `rows > 0` rows: at most `max_n` (256 or 272:
+/// [`Sm90Config::swap_n`]), a multiple of 16, as near-equal as that allows (`max_n` 256:
+/// 257 rows are 144 + 113, 546 are 192 + 192 + 162; `max_n` 272: 270 rows are one chunk).
+/// Mirror of `swap_chunk_rows` in `cuda/sm90/scheduler.cuh`.
+pub fn swap_chunk_rows(rows: usize, max_n: usize) -> usize {
+    let n0 = rows.div_ceil(max_n).max(1);
+    (rows.div_ceil(n0).div_ceil(16) * 16).min(max_n)
 }
 
-/// Swap-AB token chunks of an expert with `rows` rows (0 for none).
-pub fn swap_chunks(rows: usize) -> usize {
+/// Swap-AB token chunks of an expert with `rows` rows (0 for none), chunks of at most
+/// `max_n` rows.
+pub fn swap_chunks(rows: usize, max_n: usize) -> usize {
     if rows == 0 {
         0
     } else {
-        rows.div_ceil(swap_chunk_rows(rows))
+        rows.div_ceil(swap_chunk_rows(rows, max_n))
     }
 }
 
@@ -107,8 +114,14 @@ pub const SWAP_MAX_ROWS: usize = 160;
 /// DeepSeek-V3's 256 experts at 128 rows each lost 4–8% with it (Qwen2-MoE's 60 and
 /// Phi-3.5-MoE's 16 gained 9–12%); why is open (bench/hopper-dev/NOTES.md, session 3).
 pub const SWAP_MAX_GROUPS: usize = 128;
-/// Token rows per TMA box of a swap-AB tile's B operand (`Config::SWAP_BOX_ROWS`).
+/// Token rows per TMA box of a swap-AB tile's B operand (`Config::SWAP_BOX_ROWS`): rows
+/// 0..255 of a chunk; with `swap_n = 272` rows 256..271 are one box of [`SWAP_TAIL_BOX_ROWS`].
 pub const SWAP_BOX_ROWS: u32 = 32;
+/// Token rows of the box that loads rows 256..271 of a 272-row swap-AB chunk.
+pub const SWAP_TAIL_BOX_ROWS: u32 = 16;
+/// Average rows per expert up to which [`Sm90Config::choose`] picks
+/// [`Sm90Config::SWAP_272H`] (above [`SWAP_MAX_ROWS`]).
+pub const SWAP_WIDE_MAX_ROWS: usize = 272;
 
 /// Rows of a forward/dgrad A tensor-map box (two m64 wgmma blocks); also the rows per tile
 /// of every named configuration but [`Sm90Config::TALL_256`] and
@@ -131,6 +144,7 @@ impl Sm90Config {
         l2_hint: false,
         tma_store: false,
         swap: false,
+        swap_n: 256,
     };
     /// 128x256 cooperative, 4 stages, 2-CTA clusters with weight-tile multicast.
     pub const COOP_256_C2: Sm90Config = Sm90Config {
@@ -148,6 +162,7 @@ impl Sm90Config {
         l2_hint: false,
         tma_store: false,
         swap: false,
+        swap_n: 256,
     };
     /// 128x128 cooperative, 6 stages.
     pub const COOP_128: Sm90Config = Sm90Config {
@@ -160,6 +175,7 @@ impl Sm90Config {
         l2_hint: false,
         tma_store: false,
         swap: false,
+        swap_n: 256,
     };
     /// 256x128 cooperative, 4 stages: each consumer warpgroup owns 128 rows (two m64
     /// blocks); an expert of up to 256 rows is a single m-tile.
@@ -190,9 +206,16 @@ impl Sm90Config {
         ..Sm90Config::COOP_256
     };
 
+    /// Swap-AB with token chunks of up to 272 rows ([`Sm90Config::swap_n`]), L2 hints:
+    /// forward and dgrad at about 256 rows per expert (see [`Sm90Config::choose`]).
+    pub const SWAP_272H: Sm90Config = Sm90Config {
+        swap_n: 272,
+        ..Sm90Config::SWAP_256H
+    };
+
     /// The named configurations (benchmarks, tests; `ts256h` is for weight gradients only,
-    /// `swap256h` for forward and dgrad only).
-    pub const ALL: [(&'static str, Sm90Config); 8] = [
+    /// `swap256h` and `swap272h` for forward and dgrad only).
+    pub const ALL: [(&'static str, Sm90Config); 9] = [
         ("coop256x4", Sm90Config::COOP_256),
         ("c2coop256", Sm90Config::COOP_256_C2),
         ("pp128x6", Sm90Config::PINGPONG_128),
@@ -201,6 +224,7 @@ impl Sm90Config {
         ("c2t256", Sm90Config::TALL_256_C2),
         ("ts256h", Sm90Config::WGRAD_TS),
         ("swap256h", Sm90Config::SWAP_256H),
+        ("swap272h", Sm90Config::SWAP_272H),
     ];
 
     /// Output columns per tile (SwiGLU pairs gate and up columns: half the accumulators;
@@ -218,7 +242,7 @@ impl Sm90Config {
     /// swap-AB token chunks. The scheduler's canonical order has these times the n-tiles.
     pub fn m_tiles(&self, rows: usize) -> usize {
         if self.swap {
-            swap_chunks(rows)
+            swap_chunks(rows, self.swap_n as usize)
         } else {
             rows.div_ceil(self.bm as usize)
         }
@@ -227,9 +251,11 @@ impl Sm90Config {
     /// Dynamic shared memory for `experts` experts; must equal `Config::smem_bytes` (the NVRTC
     /// entry point `static_assert`s it): 1 KiB alignment slack, the ring, two staging
     /// tiles (64x72 16-bit, or the TMA-store epilogue's), 16 bytes of barriers per stage, 8
-    /// bytes per expert + 8. A stage holds `bm x 64` elements of A and `bn x 64` of B.
+    /// bytes per expert + 8. A stage holds `bm x 64` elements of A and `bn x 64` of B
+    /// (swap-AB: `swap_n x 64` token elements).
     pub fn smem_bytes(&self, experts: usize) -> usize {
-        let ring = self.stages as usize * (self.bm as usize + self.bn as usize) * BK as usize * 2;
+        let b_rows = if self.swap { self.swap_n } else { self.bn };
+        let ring = self.stages as usize * (self.bm as usize + b_rows as usize) * BK as usize * 2;
         // Two staging tiles (one per consumer warpgroup): 64x72 16-bit, or for the TMA-store
         // epilogue 32 KiB each, or 16 KiB where the ring leaves no room for that: config.cuh's
         // TS_WG_BYTES (4 KiB kept for barriers and the scheduler, 1 KiB alignment slack, out
@@ -274,6 +300,11 @@ impl Sm90Config {
                 "swap-AB is for forward/dgrad with the cooperative schedule, bm = 128, \
                  bn = 256 and one CTA per cluster",
             );
+        }
+        match (self.swap, self.swap_n) {
+            (_, 256) | (true, 272) => {}
+            (true, _) => return bad("swap_n (largest swap-AB token chunk) must be 256 or 272"),
+            (false, _) => return bad("swap_n must be 256 without swap-AB"),
         }
         if self.bm == 256 && (self.schedule != Schedule::Cooperative || self.bn != 128) {
             return bad(
@@ -391,6 +422,9 @@ impl Sm90Config {
         if self.swap {
             put("SM90_SWAP", 1);
         }
+        if self.swap_n != 256 {
+            put("SM90_SWAP_N", self.swap_n as usize);
+        }
         put("SM90_SMEM_ONE_EXPERT", self.smem_bytes(1));
         d
     }
@@ -413,6 +447,13 @@ impl Sm90Config {
     /// (DRAM-bound) it was 1–6% slower on three of four DeepSeek-V3 GEMMs. SwiGLU stays on
     /// clusters: swap-AB lost 3–12% there (`bench/results/2026-11-29-s3-*`,
     /// `bench/hopper-dev/NOTES.md` session 3).
+    ///
+    /// Above [`SWAP_MAX_ROWS`] and up to [`SWAP_WIDE_MAX_ROWS`] rows per expert, forward and
+    /// dgrad GEMMs (SwiGLU too) run swap-AB with chunks of up to 272 rows
+    /// ([`Sm90Config::SWAP_272H`]): at 256 rows per expert most experts are then one chunk
+    /// and read each weight tile once, where 128-row tiles pad a third of an expert over 256
+    /// rows. On DeepSeek-V3 at 8192 tokens it was 10–18% faster than the clusters on all
+    /// five GEMMs (`bench/hopper-dev/NOTES.md` session 5).
     pub fn choose(kind: GemmKind, epilogue: Epilogue, groups: usize, rows: usize) -> Self {
         let per_expert = rows / groups.max(1);
         match kind {
@@ -422,6 +463,11 @@ impl Sm90Config {
                     && epilogue != Epilogue::SwiGlu =>
             {
                 Sm90Config::SWAP_256H
+            }
+            GemmKind::Forward | GemmKind::Dgrad
+                if per_expert > SWAP_MAX_ROWS && per_expert <= SWAP_WIDE_MAX_ROWS =>
+            {
+                Sm90Config::SWAP_272H
             }
             GemmKind::Forward | GemmKind::Dgrad => Sm90Config::clustered(per_expert),
             GemmKind::Wgrad => Sm90Config::WGRAD_TS,
@@ -534,11 +580,14 @@ mod tests {
                 Sm90Config::WGRAD_TS
             );
         }
-        // Other kinds follow `choose`.
+        // Other kinds follow `choose` with a 16-bit C; an f32 C leaves swap-AB (16-bit
+        // stores only) for the clusters.
         assert_eq!(
-            Sm90Config::choose_for(GemmKind::Forward, none, 256, 65536, acc),
+            Sm90Config::choose_for(GemmKind::Forward, none, 256, 65536, Sm90Store::default()),
             Sm90Config::choose(GemmKind::Forward, none, 256, 65536)
         );
+        let f32_fwd = Sm90Config::choose_for(GemmKind::Forward, none, 256, 65536, acc);
+        assert_eq!((f32_fwd.swap, f32_fwd.cluster), (false, 2));
     }
 
     #[test]
@@ -690,18 +739,29 @@ mod tests {
 
     #[test]
     fn swap_chunks_cover_every_expert() {
-        assert_eq!((swap_chunk_rows(257), swap_chunks(257)), (144, 2));
-        assert_eq!((swap_chunk_rows(546), swap_chunks(546)), (192, 3));
-        assert_eq!((swap_chunk_rows(1000), swap_chunks(1000)), (256, 4));
-        assert_eq!((swap_chunk_rows(1), swap_chunks(1)), (16, 1));
-        assert_eq!(swap_chunks(0), 0);
-        for r in 1..=6000 {
-            let (cs, n) = (swap_chunk_rows(r), swap_chunks(r));
-            assert!(cs % 16 == 0 && (16..=256).contains(&cs), "{r}: chunk {cs}");
-            // every chunk holds rows; together they hold all of them
-            assert!((n - 1) * cs < r && n * cs >= r, "{r}: {n} x {cs}");
-            // no more chunks than 256-row tiles (the plan's tile bound relies on it)
-            assert!(n <= r.div_ceil(256), "{r}: {n} chunks");
+        assert_eq!((swap_chunk_rows(257, 256), swap_chunks(257, 256)), (144, 2));
+        assert_eq!((swap_chunk_rows(546, 256), swap_chunks(546, 256)), (192, 3));
+        assert_eq!((swap_chunk_rows(1000, 256), swap_chunks(1000, 256)), (256, 4));
+        assert_eq!((swap_chunk_rows(1, 256), swap_chunks(1, 256)), (16, 1));
+        assert_eq!(swap_chunks(0, 256), 0);
+        // 272-row chunks: one chunk up to 272 rows, then two
+        assert_eq!((swap_chunk_rows(257, 272), swap_chunks(257, 272)), (272, 1));
+        assert_eq!((swap_chunk_rows(272, 272), swap_chunks(272, 272)), (272, 1));
+        assert_eq!((swap_chunk_rows(273, 272), swap_chunks(273, 272)), (144, 2));
+        assert_eq!((swap_chunk_rows(530, 272), swap_chunks(530, 272)), (272, 2));
+        assert_eq!(swap_chunks(0, 272), 0);
+        for max_n in [256, 272] {
+            for r in 1..=6000 {
+                let (cs, n) = (swap_chunk_rows(r, max_n), swap_chunks(r, max_n));
+                assert!(
+                    cs % 16 == 0 && (16..=max_n).contains(&cs),
+                    "{r}: chunk {cs}"
+                );
+                // every chunk holds rows; together they hold all of them
+                assert!((n - 1) * cs < r && n * cs >= r, "{r}: {n} x {cs}");
+                // no more chunks than 256-row tiles (the plan's tile bound relies on it)
+                assert!(n <= r.div_ceil(256), "{r}: {n} chunks");
+            }
         }
     }
 
@@ -723,6 +783,13 @@ mod tests {
             assert!(!Sm90Config::choose(kind, none, 60, 16384).swap);
             // DeepSeek-V3 at 4096 tokens: 128 rows over 256 experts, measured slower.
             assert!(!Sm90Config::choose(kind, none, 256, 32768).swap);
+            // DeepSeek-V3 at 8192 tokens (256 rows per expert, SwiGLU too): 272-row chunks.
+            for epi in [none, Epilogue::SwiGlu] {
+                assert_eq!(
+                    Sm90Config::choose(kind, epi, 256, 65536),
+                    Sm90Config::SWAP_272H
+                );
+            }
         }
         assert!(Sm90Config::choose(f, Epilogue::Gelu, 64, 8192).swap);
         // 64 rows per expert (DRAM-bound) and tiny batches: the clusters.
@@ -754,6 +821,23 @@ mod tests {
             (128, 64)
         );
         assert_eq!((s.m_tiles(257), Sm90Config::COOP_256.m_tiles(257)), (2, 3));
+        assert_eq!(Sm90Config::SWAP_272H.m_tiles(257), 1);
+        // 272-row chunks: swap-AB only, and 256 or 272
+        let w = Sm90Config::SWAP_272H;
+        w.validate(GemmKind::Dgrad, Epilogue::None).unwrap();
+        for bad in [
+            Sm90Config { swap_n: 288, ..w },
+            Sm90Config {
+                swap: false,
+                ..w
+            },
+        ] {
+            let msg = bad
+                .validate(GemmKind::Forward, Epilogue::None)
+                .unwrap_err()
+                .to_string();
+            assert!(msg.contains("swap_n"), "{msg}");
+        }
         let msg = s
             .validate(GemmKind::Wgrad, Epilogue::None)
             .unwrap_err()
@@ -811,7 +895,7 @@ mod tests {
         let mixtral = Sm90Config::choose(GemmKind::Forward, Epilogue::SwiGlu, 8, 16384);
         assert_eq!((mixtral.cluster, mixtral.l2_hint), (2, false));
         let deepseek = Sm90Config::choose(GemmKind::Dgrad, Epilogue::None, 256, 65536);
-        assert_eq!((deepseek.cluster, deepseek.l2_hint), (2, true));
+        assert_eq!(deepseek, Sm90Config::SWAP_272H);
         let wgrad = Sm90Config::choose(GemmKind::Wgrad, Epilogue::None, 8, 16384);
         assert_eq!((wgrad.cluster, wgrad.l2_hint), (1, true));
         // The defaults keep 128-row tiles (256-row tiles are opt-in).

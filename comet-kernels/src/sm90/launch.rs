@@ -4,7 +4,9 @@ use std::ffi::c_void;
 
 use cudarc::driver::{DriverError, sys};
 
-use super::config::{BK, BM, SWAP_BOX_ROWS, Schedule, Sm90Config, Sm90Store, THREADS};
+use super::config::{
+    BK, BM, SWAP_BOX_ROWS, SWAP_TAIL_BOX_ROWS, Schedule, Sm90Config, Sm90Store, THREADS,
+};
 use super::tma::{TileMap, TmaDescriptor};
 use crate::buffer::{DType, DeviceTensor};
 use crate::cache::{Arch, Defines, Program};
@@ -139,6 +141,10 @@ pub struct Sm90Plan {
     /// `[groups][m_out][ldo]`, dims `{n_out, m_out, groups}`, boxes of 128 bytes x 64 rows
     /// (rows clip at each expert's `m_out`, columns at `n_out`); `None` otherwise.
     pub c_map: Option<TileMap>,
+    /// Swap-AB with 272-row chunks ([`Sm90Config::swap_n`]): the token map again with boxes
+    /// of [`SWAP_TAIL_BOX_ROWS`] rows (tokens 256..271 of a chunk), passed as the kernel's
+    /// third map; `None` otherwise.
+    pub a_tail_map: Option<TileMap>,
     /// NVRTC specialisation.
     pub defines: Defines,
 }
@@ -339,6 +345,10 @@ pub fn plan(d: &Sm90Desc, smem_optin: usize) -> Result<Sm90Plan> {
             box_dims: vec![(128 / esize_c) as u32, 64, 1],
         }
     });
+    let a_tail_map = (d.config.swap && d.config.swap_n > 256).then(|| TileMap {
+        box_dims: vec![BK, SWAP_TAIL_BOX_ROWS],
+        ..a_map.clone()
+    });
     let f16 = elem == DType::F16;
     Ok(Sm90Plan {
         groups,
@@ -354,6 +364,7 @@ pub fn plan(d: &Sm90Desc, smem_optin: usize) -> Result<Sm90Plan> {
         a_map,
         b_map,
         c_map,
+        a_tail_map,
         defines: d.config.defines_store(d.kind, d.epilogue, f16, store),
     })
 }
@@ -672,9 +683,10 @@ pub fn grouped_gemm(gpu: &Gpu, g: Sm90Gemm<'_>) -> Result<()> {
     let args = KernelArgs {
         a: plan.a_map.encode("A", elem, g.a.device_ptr())?,
         b: plan.b_map.encode("B", elem, g.b.device_ptr())?,
-        c: match &plan.c_map {
-            Some(m) => m.encode("C", g.c.dtype(), g.c.device_ptr())?,
-            None => TmaDescriptor::unused(),
+        c: match (&plan.c_map, &plan.a_tail_map) {
+            (Some(m), _) => m.encode("C", g.c.dtype(), g.c.device_ptr())?,
+            (None, Some(m)) => m.encode("A (272-row chunk tails)", elem, g.a.device_ptr())?,
+            (None, None) => TmaDescriptor::unused(),
         },
         out: g.c.device_ptr(),
         expert_offsets: g.offsets.device_ptr(),

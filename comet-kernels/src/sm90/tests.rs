@@ -869,9 +869,10 @@ fn capped_grid_matches(gpu: &Gpu, base: &Case, cap: u32, seed: u64) {
     );
 }
 
-/// Swap-AB (`Sm90Config::SWAP_256H`, and without the L2 hint): experts of 0, 1, 15, 16, 17,
-/// 130, 256, 257, 300, 546 and 1000 rows (one to four token chunks, chunks rounded up to 16
-/// for wgmma's N), K not a multiple of 64, output columns past the last full weight tile, on
+/// Swap-AB (`Sm90Config::SWAP_256H`, without the L2 hint, and `SWAP_272H`): experts of 0, 1,
+/// 15, 16, 17, 130, 256, 257, 270, 272, 273, 300, 546 and 1000 rows (one to four token
+/// chunks, chunks rounded up to 16 for wgmma's N; with 272-row chunks 257..272 rows are one
+/// chunk of two wgmma), K not a multiple of 64, output columns past the last full weight tile, on
 /// forward (plain, SwiGLU with row scale, GeLU; with and without the pre-activation store),
 /// dgrad with row scale, f16 inputs, a reversed tile order, and a capped grid whose output
 /// must equal the full grid's bit for bit.
@@ -882,13 +883,19 @@ fn swap_ab_edge_rows() {
     if !hopper(&gpu) {
         return;
     }
-    const EDGES: [usize; 12] = [0, 1, 15, 16, 17, 130, 256, 257, 300, 546, 1000, 0];
+    const EDGES: [usize; 15] = [
+        0, 1, 15, 16, 17, 130, 256, 257, 270, 272, 273, 300, 546, 1000, 0,
+    ];
     let mut seed = 1200;
     let plain = Sm90Config {
         l2_hint: false,
         ..Sm90Config::SWAP_256H
     };
-    for (name, cfg) in [("swap256h", Sm90Config::SWAP_256H), ("swap256", plain)] {
+    for (name, cfg) in [
+        ("swap256h", Sm90Config::SWAP_256H),
+        ("swap256", plain),
+        ("swap272h", Sm90Config::SWAP_272H),
+    ] {
         let mut cases = vec![
             Case::fwd(&EDGES, 200, 520),
             Case::fwd(&EDGES, 400, 328).with(|c| {
@@ -929,12 +936,14 @@ fn swap_ab_edge_rows() {
         }
     }
     for kind in [GemmKind::Forward, GemmKind::Dgrad] {
-        let base = Case::fwd(&EDGES, 520, 264).with(|c| {
-            c.kind = kind;
-            c.config = Sm90Config::SWAP_256H;
-        });
-        seed += 1;
-        capped_grid_matches(&gpu, &base, 3, seed);
+        for config in [Sm90Config::SWAP_256H, Sm90Config::SWAP_272H] {
+            let base = Case::fwd(&EDGES, 520, 264).with(|c| {
+                c.kind = kind;
+                c.config = config;
+            });
+            seed += 1;
+            capped_grid_matches(&gpu, &base, 3, seed);
+        }
     }
 }
 
@@ -1142,9 +1151,9 @@ fn nvrtc_compiles_every_specialisation() {
     let d = hinted.defines(GemmKind::Dgrad, Epilogue::None, false, false);
     cache.cubin(&program(), &d, Arch::SM90).expect("l2 hint");
     assert_eq!(
-        n, 33,
+        n, 37,
         "specialisations: 6 configs x 5 (kind, epilogue) minus clustered wgrad, plus the \
-         TMA-store epilogue's wgrad, plus swap-AB's forward (3 epilogues) and dgrad"
+         TMA-store epilogue's wgrad, plus two swap-AB configs' forward (3 epilogues) and dgrad"
     );
     // Store variants: f32 (+ accumulate) for every valid (config, kind, epilogue), the
     // pre-activation store for the activations; f16 inputs and L2 hints once each.
@@ -1184,7 +1193,7 @@ fn nvrtc_compiles_every_specialisation() {
     }
     assert_eq!(
         m,
-        29 * 2 + 14,
+        29 * 2 + 16,
         "f32 and f32+accumulate everywhere but swap-AB, aux with activations"
     );
     let acc = Sm90Store {
@@ -1208,6 +1217,14 @@ fn nvrtc_compiles_every_specialisation() {
     let mut d = Sm90Config::COOP_256.defines(GemmKind::Forward, Epilogue::None, false, false);
     d.insert("SM90_SMEM_ONE_EXPERT".into(), "1".into());
     assert!(cache.cubin(&program(), &d, Arch::SM90).is_err());
+    // SM90_SWAP_N reaches the Config: without it the 272-row token stages do not match.
+    let mut d = Sm90Config::SWAP_272H.defines(GemmKind::Forward, Epilogue::None, false, false);
+    assert_eq!(d.remove("SM90_SWAP_N").as_deref(), Some("272"));
+    let e = cache
+        .cubin(&program(), &d, Arch::SM90)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("Rust smem formula out of sync"), "{e}");
     // SM90_BM reaches the Config: without it a 256x128 tile's smem mirror does not match
     // (128 x 128 tiles need less), and 256-row ping-pong tiles are rejected by config.cuh.
     let mut d = Sm90Config::TALL_256.defines(GemmKind::Forward, Epilogue::None, false, false);
