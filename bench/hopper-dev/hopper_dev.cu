@@ -206,6 +206,7 @@ struct Problem {
   int epi = EPI_NONE;
   bool scale = false;     // row scale in the epilogue
   bool reversed = false;  // tile order supplied as data (reversed canonical order)
+  bool sorted = false;    // tile order supplied as data: experts by rows, most first
   bool f16 = false;
   int E = 1;
   std::vector<int> counts;
@@ -276,6 +277,7 @@ struct Variant {
   GroupedGemmArgs (*prepare)(const Problem&, const Buffers&);
   void (*launch)(const GroupedGemmArgs&, int num_experts, int grid, cudaStream_t);
   long long (*tiles)(const Problem&);
+  int (*expert_mtiles)(int rows);  // row-grouped: m-tiles (swap-AB: chunks) of an expert
 };
 
 template <class C>
@@ -285,6 +287,11 @@ long long count_tiles(const Problem& p) {
   long long mt = 0;
   for (int c : p.counts) mt += C::SWAP ? swap_chunks(c, C::SWAP_N) : (c + C::BM - 1) / C::BM;
   return mt * nt;
+}
+
+template <class C>
+int expert_mtiles(int r) {
+  return C::SWAP ? swap_chunks(r, C::SWAP_N) : (r + C::BM - 1) / C::BM;
 }
 
 template <class C>
@@ -352,7 +359,7 @@ GroupedGemmArgs prepare_variant(const Problem& p, const Buffers& b) {
   g.out = b.out;
   g.expert_offsets = b.offsets;
   g.row_scale = p.scale ? b.scale : nullptr;
-  g.tile_order = p.reversed ? b.order : nullptr;
+  g.tile_order = (p.reversed || p.sorted) ? b.order : nullptr;
   g.error_flag = b.err;
   g.num_experts = p.E;
   g.n_out = p.n_out();
@@ -403,7 +410,7 @@ void launch_variant(const GroupedGemmArgs& g, int num_experts, int grid, cudaStr
 template <class C>
 Variant make_variant(const char* name) {
   return Variant{name, C::MODE, C::EPI, C::IN_F16, C::BN, C::PINGPONG, C::CLUSTER, &C::smem_bytes,
-                 &prepare_variant<C>, &launch_variant<C>, &count_tiles<C>};
+                 &prepare_variant<C>, &launch_variant<C>, &count_tiles<C>, &expert_mtiles<C>};
 }
 
 static std::vector<Variant> all_variants() {
@@ -600,6 +607,9 @@ static int g_iters = 30;
 /// --balanced: every expert gets the same rows (the rest spread one by one), so no m-tile is
 /// partial where tokens x k / E is a multiple of 128: the kernel without routing raggedness.
 static bool g_balanced = false;
+/// --sorted: timed forward/dgrad problems run their tiles expert by expert, most rows first
+/// (a tile order passed as data), so each wave of CTAs holds tiles of similar size.
+static bool g_sorted = false;
 /// --time-all: time variants whose checks failed too (diagnostic builds).
 static bool g_time_all = false;
 
@@ -741,8 +751,16 @@ static void run_problem(cublasHandle_t h, const Problem& p, const std::vector<Va
   }
 
   BaseResult base{p.name, p.flops(), 0, 0, 0, 0, 0, ""};
-  const Variant* best_v = nullptr;         // fastest variant so far and its argument sets
-  std::vector<GroupedGemmArgs> best_args;
+  // Every timed variant with its first timing and argument sets; the fastest few are timed
+  // again below, alternating with cuBLAS (one timing pass picks the wrong variant when two
+  // are within the run-to-run spread).
+  struct Timed {
+    float ms;
+    const Variant* v;
+    std::vector<GroupedGemmArgs> args;
+  };
+  std::vector<Timed> timed;
+  std::vector<int*> orders;  // tile orders, alive until the re-timing is done
   for (const Variant& v : vars) {
     if (v.mode != p.mode || v.epi != p.epi || v.f16 != p.f16) continue;
     if (v.smem(p.E) > 232448) {
@@ -752,10 +770,23 @@ static void run_problem(cublasHandle_t h, const Problem& p, const std::vector<Va
     }
     Buffers b{As[0], Bs[0], out, d_offs, d_scale, nullptr, d_err, a_rows_alloc, out_rows_alloc, ldo};
     int* d_order = nullptr;
-    if (p.reversed) {
+    if (p.reversed || p.sorted) {
       long long nt = v.tiles(p);
       std::vector<int> ord(nt);
-      for (long long i = 0; i < nt; ++i) ord[i] = (int)(nt - 1 - i);
+      if (p.reversed) {
+        for (long long i = 0; i < nt; ++i) ord[i] = (int)(nt - 1 - i);
+      } else {  // each expert's canonical tiles in turn, experts by rows (most first)
+        std::vector<long long> first(p.E + 1, 0);
+        for (int e = 0; e < p.E; ++e) first[e + 1] = first[e] + v.expert_mtiles(p.counts[e]);
+        const long long per_m = first[p.E] > 0 ? nt / first[p.E] : 0;  // n-tiles
+        std::vector<int> ex(p.E);
+        for (int e = 0; e < p.E; ++e) ex[e] = e;
+        std::stable_sort(ex.begin(), ex.end(),
+                         [&](int a, int c) { return p.counts[a] > p.counts[c]; });
+        long long i = 0;
+        for (int e : ex)
+          for (long long t = first[e] * per_m; t < first[e + 1] * per_m; ++t) ord[i++] = (int)t;
+      }
       CK(cudaMalloc(&d_order, std::max<long long>(1, nt) * 4));
       CK(cudaMemcpy(d_order, ord.data(), nt * 4, cudaMemcpyHostToDevice));
       b.order = d_order;
@@ -801,11 +832,10 @@ static void run_problem(cublasHandle_t h, const Problem& p, const std::vector<Va
       std::vector<float> t = time_launches([&](int it) { v.launch(args[it % nsets], p.E, g_sms, 0); });
       res.ms = median_ms(t);
       res.tflops = p.flops() / (res.ms * 1e-3) / 1e12;
+      timed.push_back(Timed{(float)res.ms, &v, args});
       if (res.tflops > base.best_tflops) {
         base.best_tflops = res.tflops;
         base.best_variant = v.name;
-        best_v = &v;
-        best_args = args;
       }
     }
     printf("  %-28s %-10s rel_l2 %.2e nan %lld guard %lld err %d spot %.1e  %s", p.name.c_str(),
@@ -815,7 +845,7 @@ static void run_problem(cublasHandle_t h, const Problem& p, const std::vector<Va
     printf("\n");
     fflush(stdout);
     g_results.push_back(res);
-    if (d_order) CK(cudaFree(d_order));
+    if (d_order) orders.push_back(d_order);
   }
 
   // Baselines: cuBLAS dense of equal FLOPs, cuBLAS per-expert loop (bf16 out).
@@ -824,20 +854,37 @@ static void run_problem(cublasHandle_t h, const Problem& p, const std::vector<Va
     size_t dense_elems = (size_t)(p.mode == MODE_WGRAD ? (size_t)p.p0 * p.p1 : (size_t)R * p.p1);
     CK(cudaMalloc(&cd, dense_elems * 2));
     std::vector<float> td = time_launches([&](int it) { dense_gemm(h, p, As[it % nsets], Bs[it % nsets], cd); });
-    // Same-run ratio: the best variant and cuBLAS dense again, alternating (3 rounds each,
-    // after the pass above); the medians over the 4 timings of each side are reported.
-    if (best_v != nullptr) {
-      std::vector<float> tb = {(float)(p.flops() / (base.best_tflops * 1e12) * 1e3)};
+    // Same-run ratio: the (up to) three fastest variants of the pass above and cuBLAS dense
+    // again, alternating, 3 rounds each; each side's time is the median of its 4 timings and
+    // the best variant is the one with the lowest median.
+    if (!timed.empty()) {
+      std::sort(timed.begin(), timed.end(),
+                [](const Timed& a, const Timed& b) { return a.ms < b.ms; });
+      if (timed.size() > 3) timed.resize(3);
+      std::vector<std::vector<float>> tb(timed.size());
+      for (size_t c = 0; c < timed.size(); ++c) tb[c].push_back(timed[c].ms);
       std::vector<float> tdd = {median_ms(td)};
       for (int round = 0; round < 3; ++round) {
-        tb.push_back(median_ms(time_launches(
-            [&](int it) { best_v->launch(best_args[it % nsets], p.E, g_sms, 0); })));
+        for (size_t c = 0; c < timed.size(); ++c) {
+          const Timed& x = timed[c];
+          tb[c].push_back(median_ms(time_launches(
+              [&](int it) { x.v->launch(x.args[it % nsets], p.E, g_sms, 0); })));
+        }
         tdd.push_back(median_ms(time_launches(
             [&](int it) { dense_gemm(h, p, As[it % nsets], Bs[it % nsets], cd); })));
       }
-      std::sort(tb.begin(), tb.end());
+      float best_ms = 0;
+      for (size_t c = 0; c < timed.size(); ++c) {
+        std::sort(tb[c].begin(), tb[c].end());
+        const float m = 0.5f * (tb[c][1] + tb[c][2]);  // median of 4
+        printf("  %-28s %-10s re-timed: median of 4 %.3f ms %.1f TFLOP/s\n", p.name.c_str(),
+               timed[c].v->name, m, p.flops() / (m * 1e-3) / 1e12);
+        if (c == 0 || m < best_ms) {
+          best_ms = m;
+          base.best_variant = timed[c].v->name;
+        }
+      }
       std::sort(tdd.begin(), tdd.end());
-      const float best_ms = 0.5f * (tb[1] + tb[2]);  // median of 4
       td = {0.5f * (tdd[1] + tdd[2])};
       base.best_tflops = p.flops() / (best_ms * 1e-3) / 1e12;
     }
@@ -853,6 +900,7 @@ static void run_problem(cublasHandle_t h, const Problem& p, const std::vector<Va
            base.best_variant.c_str(), base.best_tflops, 100.0 * base.best_tflops / base.dense_tflops);
     g_base.push_back(base);
   }
+  for (int* o : orders) CK(cudaFree(o));
 
   if (ref != acc) CK(cudaFree(ref));
   CK(cudaFree(acc));
@@ -907,6 +955,7 @@ static std::vector<Problem> preset_problems(int tokens) {
     auto add = [&](std::string s, int mode, int epi, int p0, int p1) {
       Problem p = mk(n + "." + s, mode, epi, ps.E, c, p0, p1);
       p.timed = true;
+      p.sorted = g_sorted && mode != MODE_WGRAD;
       v.push_back(p);
     };
     add("gemm0", MODE_FWD, EPI_NONE, ps.H, 2 * ps.F);
@@ -989,9 +1038,10 @@ int main(int argc, char** argv) {
     else if (a == "--variants" && i + 1 < argc) variants = "," + std::string(argv[++i]) + ",";
     else if (a == "--tokens" && i + 1 < argc) tokens = atoi(argv[++i]);
     else if (a == "--balanced") g_balanced = true;
+    else if (a == "--sorted") g_sorted = true;
     else if (a == "--time-all") g_time_all = true;
     else {
-      fprintf(stderr, "usage: %s [--small] [--no-timing] [--json FILE] [--only SUBSTR] [--iters N] [--variants A,B,..] [--tokens N] [--balanced] [--time-all]\n", argv[0]);
+      fprintf(stderr, "usage: %s [--small] [--no-timing] [--json FILE] [--only SUBSTR] [--iters N] [--variants A,B,..] [--tokens N] [--balanced] [--sorted] [--time-all]\n", argv[0]);
       return 2;
     }
   }
