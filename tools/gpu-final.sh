@@ -13,6 +13,9 @@
 # machine). If less than FORWARD_FULL_S seconds (default 80) are left when gpu_forward starts,
 # its two largest presets (DeepSeek-V3, Mixtral) are skipped, and the summary says so.
 #
+# STEPS="kernels-lib kernels-gpu_gemm ..." runs only the named steps (the kernels steps need
+# one GPU; comm-gpu and layer-gpu need two).
+#
 # Writes to $OUT (default ./out-final), 3 files: summary.txt (the table, one line per step as
 # it finishes, also printed last),
 # cache.txt (cubins in the cache before/after: new ones were compiled here, i.e. cache misses),
@@ -71,6 +74,10 @@ FAILED=0
 step() {
     local name="$1" bin="$2" budget="$3"
     shift 3
+    # STEPS="name ...": only those steps (e.g. the one-GPU ones when no 2-GPU host is lent).
+    if [[ -n "${STEPS:-}" && " $STEPS " != *" $name "* ]]; then
+        return 0
+    fi
     local left=$((LIMIT - SECONDS - 15))
     ((budget > left)) && budget=$left
     local status note secs rc log t0=$SECONDS
@@ -116,7 +123,7 @@ else
     step kernels-gpu_forward comet-kernels.test.gpu_forward 75 \
         --skip preset_deepseek_v3 --skip preset_mixtral
 fi
-step kernels-lib comet-kernels.lib.comet_kernels 180
+step kernels-lib comet-kernels.lib.comet_kernels 240
 step kernels-gpu_kernels comet-kernels.test.gpu_kernels 15
 step comm-lib comet-comm.lib.comet_comm 15 --skip warm_the_kernel_cache
 step layer-lib comet-layer.lib.comet_layer 20 --skip warm_the_kernel_cache
