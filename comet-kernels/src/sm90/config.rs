@@ -741,7 +741,10 @@ mod tests {
     fn swap_chunks_cover_every_expert() {
         assert_eq!((swap_chunk_rows(257, 256), swap_chunks(257, 256)), (144, 2));
         assert_eq!((swap_chunk_rows(546, 256), swap_chunks(546, 256)), (192, 3));
-        assert_eq!((swap_chunk_rows(1000, 256), swap_chunks(1000, 256)), (256, 4));
+        assert_eq!(
+            (swap_chunk_rows(1000, 256), swap_chunks(1000, 256)),
+            (256, 4)
+        );
         assert_eq!((swap_chunk_rows(1, 256), swap_chunks(1, 256)), (16, 1));
         assert_eq!(swap_chunks(0, 256), 0);
         // 272-row chunks: one chunk up to 272 rows, then two
@@ -827,10 +830,7 @@ mod tests {
         w.validate(GemmKind::Dgrad, Epilogue::None).unwrap();
         for bad in [
             Sm90Config { swap_n: 288, ..w },
-            Sm90Config {
-                swap: false,
-                ..w
-            },
+            Sm90Config { swap: false, ..w },
         ] {
             let msg = bad
                 .validate(GemmKind::Forward, Epilogue::None)

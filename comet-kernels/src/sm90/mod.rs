@@ -51,8 +51,8 @@ mod launch;
 mod tma;
 
 pub use config::{
-    BK, BM, SWAP_BOX_ROWS, SWAP_MAX_GROUPS, SWAP_MAX_ROWS, SWAP_MIN_ROWS, Schedule, Sm90Config,
-    SWAP_TAIL_BOX_ROWS, SWAP_WIDE_MAX_ROWS, Sm90Store, THREADS, swap_chunk_rows, swap_chunks,
+    BK, BM, SWAP_BOX_ROWS, SWAP_MAX_GROUPS, SWAP_MAX_ROWS, SWAP_MIN_ROWS, SWAP_TAIL_BOX_ROWS,
+    SWAP_WIDE_MAX_ROWS, Schedule, Sm90Config, Sm90Store, THREADS, swap_chunk_rows, swap_chunks,
 };
 pub use launch::{
     DeviceErrorCode, GROUPED_GEMM_SM90_CU, KERNEL_NAME, SM90_HEADERS, Sm90Desc, Sm90Gemm, Sm90Plan,
