@@ -122,6 +122,9 @@ pub const SWAP_TAIL_BOX_ROWS: u32 = 16;
 /// Average rows per expert up to which [`Sm90Config::choose`] picks
 /// [`Sm90Config::SWAP_272H`] (above [`SWAP_MAX_ROWS`]).
 pub const SWAP_WIDE_MAX_ROWS: usize = 272;
+/// Average rows per expert up to which [`Sm90Config::choose`] picks
+/// [`Sm90Config::SWAP_272H`] for dgrad (two chunks of at most 272 rows per expert).
+pub const SWAP_WIDE_DGRAD_MAX_ROWS: usize = 2 * 272;
 
 /// Rows of a forward/dgrad A tensor-map box (two m64 wgmma blocks); also the rows per tile
 /// of every named configuration but [`Sm90Config::TALL_256`] and
@@ -453,7 +456,10 @@ impl Sm90Config {
     /// ([`Sm90Config::SWAP_272H`]): at 256 rows per expert most experts are then one chunk
     /// and read each weight tile once, where 128-row tiles pad a third of an expert over 256
     /// rows. On DeepSeek-V3 at 8192 tokens it was 10–18% faster than the clusters on all
-    /// five GEMMs (`bench/hopper-dev/NOTES.md` session 5).
+    /// five GEMMs in the harness and 7–14% through this launcher (`gemm_bench`). Dgrad GEMMs
+    /// keep it up to [`SWAP_WIDE_DGRAD_MAX_ROWS`] rows per expert (two chunks): Qwen2-MoE's
+    /// dgrad at 512 rows per expert ran 2–11% faster than on the clusters in three runs
+    /// (`bench/results/2026-11-30-s5-*`); its forward GEMMs did not gain consistently.
     pub fn choose(kind: GemmKind, epilogue: Epilogue, groups: usize, rows: usize) -> Self {
         let per_expert = rows / groups.max(1);
         match kind {
@@ -466,6 +472,11 @@ impl Sm90Config {
             }
             GemmKind::Forward | GemmKind::Dgrad
                 if per_expert > SWAP_MAX_ROWS && per_expert <= SWAP_WIDE_MAX_ROWS =>
+            {
+                Sm90Config::SWAP_272H
+            }
+            GemmKind::Dgrad
+                if per_expert > SWAP_WIDE_MAX_ROWS && per_expert <= SWAP_WIDE_DGRAD_MAX_ROWS =>
             {
                 Sm90Config::SWAP_272H
             }
@@ -774,7 +785,7 @@ mod tests {
         let none = Epilogue::None;
         for kind in [f, d] {
             // Qwen2-MoE at 2048 tokens (60 experts, 136 rows each) and Phi-3.5-MoE at 1024
-            // (16, 128): swap-AB; Qwen at 4096 (273): not.
+            // (16, 128): swap-AB; at 273 and 512 rows per expert only dgrad.
             assert_eq!(
                 Sm90Config::choose(kind, none, 60, 8192),
                 Sm90Config::SWAP_256H
@@ -783,7 +794,12 @@ mod tests {
                 Sm90Config::choose(kind, none, 16, 2048),
                 Sm90Config::SWAP_256H
             );
-            assert!(!Sm90Config::choose(kind, none, 60, 16384).swap);
+            for (groups, rows) in [(60, 16384), (64, 32768)] {
+                let c = Sm90Config::choose(kind, none, groups, rows);
+                assert_eq!(c.swap, kind == d, "{kind:?} {groups} {rows}");
+            }
+            // Over 544 rows per expert (three chunks): the clusters.
+            assert!(!Sm90Config::choose(kind, none, 64, 65536).swap);
             // DeepSeek-V3 at 4096 tokens: 128 rows over 256 experts, measured slower.
             assert!(!Sm90Config::choose(kind, none, 256, 32768).swap);
             // DeepSeek-V3 at 8192 tokens (256 rows per expert, SwiGLU too): 272-row chunks.

@@ -27,7 +27,8 @@
 //! experts. With [`Sm90Config::swap_n`] = 272 ([`Sm90Config::SWAP_272H`]) a chunk holds up
 //! to 272 rows (a second `wgmma` of N = 16 covers rows 256..271), so an expert of up to 272
 //! rows reads each weight tile once; `choose` picks it above [`SWAP_MAX_ROWS`] and up to
-//! [`SWAP_WIDE_MAX_ROWS`] rows per expert (DeepSeek-V3 at 8192 tokens: +10–18%).
+//! [`SWAP_WIDE_MAX_ROWS`] rows per expert (DeepSeek-V3 at 8192 tokens: +7–18%), and for
+//! dgrad up to [`SWAP_WIDE_DGRAD_MAX_ROWS`].
 //! Its canonical tile ids are (expert, chunk, weight tile),
 //! not those of `comet-sched`'s orders.
 //!
@@ -52,7 +53,8 @@ mod tma;
 
 pub use config::{
     BK, BM, SWAP_BOX_ROWS, SWAP_MAX_GROUPS, SWAP_MAX_ROWS, SWAP_MIN_ROWS, SWAP_TAIL_BOX_ROWS,
-    SWAP_WIDE_MAX_ROWS, Schedule, Sm90Config, Sm90Store, THREADS, swap_chunk_rows, swap_chunks,
+    SWAP_WIDE_DGRAD_MAX_ROWS, SWAP_WIDE_MAX_ROWS, Schedule, Sm90Config, Sm90Store, THREADS,
+    swap_chunk_rows, swap_chunks,
 };
 pub use launch::{
     DeviceErrorCode, GROUPED_GEMM_SM90_CU, KERNEL_NAME, SM90_HEADERS, Sm90Desc, Sm90Gemm, Sm90Plan,
