@@ -314,13 +314,20 @@ GroupedGemmArgs prepare_variant(const Problem& p, const Buffers& b) {
     uint64_t db[4] = {(uint64_t)K, Nh, (uint64_t)P, (uint64_t)p.E};
     uint64_t sb[3] = {(uint64_t)K * 2, Nh * K * 2, (uint64_t)P * Nh * K * 2};
     uint32_t bb[4] = {64, (uint32_t)C::BN / 2, 1, 1};
-    if (C::SWAP && C::EPI == EPI_SWIGLU) {  // 8 gate rows + the same 8 up rows per box
-      bb[1] = 8;
-      bb[2] = 2;
-    } else if (C::SWAP) {
-      bb[1] = 128;
+    if (C::SWAP && C::EPI == EPI_SWIGLU) {
+      // 5D view {K, 8, P, Nh / 8, E}: one box = 8 groups of 8 gate rows + the same 8 up rows
+      if (Nh % 8 != 0) {
+        fprintf(stderr, "swap-AB SwiGLU needs F %% 8 == 0 (F = %llu)\n", (unsigned long long)Nh);
+        exit(1);
+      }
+      uint64_t d5[5] = {(uint64_t)K, 8, (uint64_t)P, Nh / 8, (uint64_t)p.E};
+      uint64_t s5[4] = {(uint64_t)K * 2, Nh * K * 2, 8ull * K * 2, (uint64_t)P * Nh * K * 2};
+      uint32_t b5[5] = {64, 8, 2, 8, 1};
+      g.b = make_map(b.B, 5, d5, s5, b5, f16);
+    } else {
+      if (C::SWAP) bb[1] = 128;
+      g.b = make_map(b.B, 4, db, sb, bb, f16);
     }
-    g.b = make_map(b.B, 4, db, sb, bb, f16);
     g.k = K;
   } else if (C::MODE == MODE_DGRAD) {
     const int N = p.p0, Ko = p.p1;

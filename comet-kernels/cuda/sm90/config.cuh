@@ -61,7 +61,7 @@ enum : int {
 ///            swap_chunk_rows), and each tile issues wgmma with N = its chunk rounded up to
 ///            16: an expert of 257 rows costs 2 x 144 columns instead of 3 x 128 rows. The
 ///            epilogue transposes through the staging tile. SwiGLU tiles load gate and up
-///            rows interleaved by 8 (box {64, 8, 2, 1}), so a thread holds both halves of
+///            rows interleaved by 8 (one 5D box, see GroupedGemmArgs), so a thread holds both halves of
 ///            its outputs; such a tile has 64 output columns, else 128.
 ///  SWAP_N:   SWAP only: the largest token chunk, 256 or 272. With 272 an expert of up to
 ///            272 rows is one chunk (wgmma N = 256 plus a second N = 16 wgmma on the same
@@ -174,8 +174,9 @@ struct Config {
 ///           b = 3D map over B [E][N][Kout], dims {Kout, N, E}, box {64, 64, 1}.
 /// SWAP:     a = as above with box {64, SWAP_BOX_ROWS} (token chunks; SWAP_N = 272: c = the
 ///               same map with box {64, 16}, for tokens 256..271); b = forward: box
-///               {64, 128, 1, 1}, SwiGLU {64, 8, 2, 1} (8 gate rows, then the same 8 up
-///               rows); dgrad: as above.
+///               {64, 128, 1, 1}; SwiGLU: a 5D map over B viewed as [E][Nh/8][P][8][K]
+///               (Nh a multiple of 8), dims {K, 8, P, Nh/8, E}, box {64, 8, 2, 8, 1}
+///               (8 groups of 8 gate rows then the same 8 up rows); dgrad: as above.
 /// Wgrad:    a = 2D map over A [rows, M] (M = m_out), box {64, 64};
 ///           b = 2D map over B [rows, N] (N = n_out), box {64, 64};
 ///           out = [E][m_out][ldo].

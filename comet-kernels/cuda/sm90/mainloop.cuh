@@ -68,11 +68,9 @@ __device__ __forceinline__ void load_stage(const GroupedGemmArgs& g, const Ring<
     mbar_arrive_expect_tx(bar, C::A_STAGE_BYTES + boxes * C::SWAP_BOX_ROWS * C::BK * 2 +
                                    (tail16 ? 16 * C::BK * 2 : 0));
     if (C::MODE == MODE_FWD && C::EPI == EPI_SWIGLU) {
-      // 8 groups of {8 gate rows, the same 8 up rows}: box {64, 8, 2, 1}, 2 KiB each
-#pragma unroll
-      for (int gi = 0; gi < 8; ++gi) {
-        tma_load_4d(sa + gi * 2048, &g.b, bar, kc, t.n_block * 64 + 8 * gi, 0, t.expert, pol_b);
-      }
+      // 8 groups of {8 gate rows, the same 8 up rows}, 2 KiB each, in one box {64, 8, 2, 8, 1}
+      // of the 5D view {K, 8, part, Nh / 8, E}
+      tma_load_5d(sa, &g.b, bar, kc, 0, 0, t.n_block * 8, t.expert, pol_b);
     } else if (C::MODE == MODE_FWD) {
       tma_load_4d(sa, &g.b, bar, kc, t.n_block * 128, 0, t.expert, pol_b);  // box {64, 128}
     } else {

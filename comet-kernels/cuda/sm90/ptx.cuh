@@ -162,6 +162,15 @@ __device__ __forceinline__ void tma_load_4d(u32 dst, const TmaDesc* desc, u32 ba
       : "memory");
 }
 
+__device__ __forceinline__ void tma_load_5d(u32 dst, const TmaDesc* desc, u32 bar, int c0,
+                                            int c1, int c2, int c3, int c4, u64 policy) {
+  asm volatile(
+      "cp.async.bulk.tensor.5d.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint"
+      " [%0], [%1, {%3, %4, %5, %6, %7}], [%2], %8;" ::"r"(dst),
+      "l"(desc), "r"(bar), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(c4), "l"(policy)
+      : "memory");
+}
+
 /// TMA stores (shared -> global, bulk-group completion): the box at `src` (laid out as the
 /// map's swizzle says) goes to the tensor at {c0, c1, c2}; parts outside the tensor are not
 /// written. `_add` adds it to the values there instead (done by the TMA unit in L2).

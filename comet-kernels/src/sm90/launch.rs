@@ -194,21 +194,30 @@ pub fn plan(d: &Sm90Desc, smem_optin: usize) -> Result<Sm90Plan> {
                 strides: vec![bk as u64 * esize],
                 box_dims: vec![BK, token_box],
             };
-            // Weight boxes: half an n-tile; swap-AB 128 weight rows, or with SwiGLU 8 gate
-            // rows and the same 8 up rows (eight boxes per tile, interleaved).
-            let b_box = match (d.config.swap, parts) {
-                (true, 2) => vec![BK, 8, 2, 1],
-                (true, _) => vec![BK, 128, 1, 1],
-                (false, _) => vec![BK, d.config.bn / 2, 1, 1],
-            };
-            b_map = TileMap {
-                dims: vec![bk as u64, nh, parts as u64, groups as u64],
-                strides: vec![
-                    bk as u64 * esize,
-                    nh * bk as u64 * esize,
-                    parts as u64 * nh * bk as u64 * esize,
-                ],
-                box_dims: b_box,
+            // Weight boxes: half an n-tile; swap-AB 128 weight rows, or with SwiGLU one box
+            // of 8 groups of {8 gate rows, the same 8 up rows} through a 5D view
+            // {K, 8, part, F / 8, expert} (F = n_out is a multiple of 8, checked below).
+            b_map = if d.config.swap && parts == 2 {
+                TileMap {
+                    dims: vec![bk as u64, 8, 2, nh / 8, groups as u64],
+                    strides: vec![
+                        bk as u64 * esize,
+                        nh * bk as u64 * esize,
+                        8 * bk as u64 * esize,
+                        2 * nh * bk as u64 * esize,
+                    ],
+                    box_dims: vec![BK, 8, 2, 8, 1],
+                }
+            } else {
+                TileMap {
+                    dims: vec![bk as u64, nh, parts as u64, groups as u64],
+                    strides: vec![
+                        bk as u64 * esize,
+                        nh * bk as u64 * esize,
+                        parts as u64 * nh * bk as u64 * esize,
+                    ],
+                    box_dims: vec![BK, if d.config.swap { 128 } else { d.config.bn / 2 }, 1, 1],
+                }
             };
         }
         GemmKind::Dgrad => {
@@ -883,12 +892,32 @@ mod tests {
         assert_eq!(p.b_map.box_dims, vec![64, 128, 1, 1]);
         assert_eq!(p.max_tiles, (4096 / 256 + 256) * (4096 / 128));
         assert_eq!(p.defines["SM90_SWAP"], "1");
-        // SwiGLU: 8 gate rows and the same 8 up rows per box, 64 output columns per tile.
+        // SwiGLU: one box of 8 groups of {8 gate rows, the same 8 up rows} through the 5D
+        // view {K, 8, part, F / 8, expert}; 64 output columns per tile.
         d.epilogue = Epilogue::SwiGlu;
         d.c = Meta::new(DType::BF16, &[4096, 2048]);
         let p = plan(&d, OPTIN).unwrap();
-        assert_eq!(p.b_map.box_dims, vec![64, 8, 2, 1]);
+        assert_eq!(p.b_map.dims, vec![7168, 8, 2, 256, 256]);
+        assert_eq!(
+            p.b_map.strides,
+            vec![7168 * 2, 2048 * 7168 * 2, 8 * 7168 * 2, 2 * 2048 * 7168 * 2]
+        );
+        assert_eq!(p.b_map.box_dims, vec![64, 8, 2, 8, 1]);
         assert_eq!(p.max_tiles, (4096 / 256 + 256) * (2048 / 64));
+        // 272-row chunks add the token map with 16-row boxes (rows 256..271).
+        d.config = Sm90Config::SWAP_272H;
+        let p = plan(&d, OPTIN).unwrap();
+        let tail = p.a_tail_map.expect("a tail map");
+        assert_eq!((tail.dims, tail.box_dims), (p.a_map.dims, vec![64, 16]));
+        assert_eq!(
+            plan(
+                &fwd(&[4096, 7168], &[256, 4096, 7168], &[4096, 4096], 256),
+                OPTIN
+            )
+            .unwrap()
+            .a_tail_map,
+            None
+        );
         // Dgrad: the same token boxes, weights in 64 x 64 boxes as without swap-AB.
         let mut d = fwd(&[300, 2048], &[16, 2048, 4096], &[300, 4096], 16);
         d.kind = GemmKind::Dgrad;
