@@ -61,12 +61,13 @@ enum : int {
 ///            swap_chunk_rows), and each tile issues wgmma with N = its chunk rounded up to
 ///            16: an expert of 257 rows costs 2 x 144 columns instead of 3 x 128 rows. The
 ///            epilogue transposes through the staging tile. SwiGLU tiles load gate and up
-///            rows interleaved by 8 (one 5D box, see GroupedGemmArgs), so a thread holds both halves of
-///            its outputs; such a tile has 64 output columns, else 128.
+///            rows interleaved by 8 (one 5D box, see GroupedGemmArgs), so a thread holds
+///            both halves of its outputs; such a tile has 64 output columns, else 128.
 ///  SWAP_N:   SWAP only: the largest token chunk, 256 or 272. With 272 an expert of up to
 ///            272 rows is one chunk (wgmma N = 256 plus a second N = 16 wgmma on the same
 ///            weight rows), so each of its weight tiles is read once; the ring's token part
-///            grows to 272 rows (4 stages still fit) and its TMA boxes shrink to 16 rows.
+///            grows to 272 rows (4 stages still fit: 226 KB with 256 experts) and tokens
+///            256..271 come through g.c (the token map again, with a box of 16 rows).
 template <int MODE_, int BN_, bool PINGPONG_, int STAGES_, int EPI_, bool IN_F16_ = false,
           bool OUT_F16_ = false, int BAND_ = 16, int CLUSTER_ = 1, int L2HINT_ = 0,
           bool OUT_F32_ = false, bool ACCUM_ = false, bool AUX_ = false, int BM_ = 128,

@@ -73,10 +73,11 @@ pub struct Sm90Config {
     pub tma_store: bool,
     /// Swap-AB (forward and dgrad; cooperative 128x256, single CTA, 16-bit C): the weights
     /// are wgmma's A, 128 weight rows per tile, and the tokens its B, so an expert's tokens
-    /// split into chunks of at most 256 rows ([`swap_chunk_rows`]) and each tile runs wgmma
-    /// with N = its chunk rounded up to 16 instead of padding the expert to 128-row tiles.
-    /// The epilogue transposes through shared memory (`stmatrix .trans`). A tile has 128
-    /// output columns (SwiGLU: 64, gate and up rows loaded interleaved by 8).
+    /// split into chunks of at most [`Sm90Config::swap_n`] rows ([`swap_chunk_rows`]) and
+    /// each tile runs wgmma with N = its chunk rounded up to 16 instead of padding the
+    /// expert to 128-row tiles. The epilogue transposes through shared memory
+    /// (`stmatrix .trans`). A tile has 128 output columns (SwiGLU: 64, gate and up rows
+    /// loaded interleaved by 8 in one box of a 5D view of the weights).
     pub swap: bool,
     /// The largest swap-AB token chunk: 256, or 272 (swap-AB only): an expert of up to 272
     /// rows is then one chunk, so each of its weight tiles is read once (wgmma N = 256 plus
