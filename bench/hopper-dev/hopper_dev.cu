@@ -432,6 +432,10 @@ static std::vector<Variant> all_variants() {
   v.push_back(make_variant<Config<MODE_FWD, 256, false, 4, EPI_SWIGLU, false, false, 16, 2, 1>>("c2coop256h"));
   v.push_back(make_variant<Config<MODE_DGRAD, 256, false, 4, EPI_NONE, false, false, 16, 2, 1>>("c2coop256h"));
   v.push_back(make_variant<Config<MODE_FWD, 256, false, 4, EPI_NONE, false, false, 16, 1, 1>>("coop256h"));
+  // (single CTA with hints for SwiGLU and dgrad too: gemm_bench had Qwen2-MoE's forward
+  // GEMMs fastest on single CTAs, run s5-7)
+  v.push_back(make_variant<Config<MODE_FWD, 256, false, 4, EPI_SWIGLU, false, false, 16, 1, 1>>("coop256h"));
+  v.push_back(make_variant<Config<MODE_DGRAD, 256, false, 4, EPI_NONE, false, false, 16, 1, 1>>("coop256h"));
   v.push_back(make_variant<Config<MODE_WGRAD, 256, false, 4, EPI_NONE, false, false, 16, 1, 1>>("coop256h"));
   // 256-row tiles (BM = 256, BN = 128): an expert of <= 256 rows is one m-tile
 #define T256(MODE, EPI, CL, H, NAME) \
