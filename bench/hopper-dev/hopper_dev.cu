@@ -280,18 +280,32 @@ struct Variant {
   int (*expert_mtiles)(int rows);  // row-grouped: m-tiles (swap-AB: chunks) of an expert
 };
 
+/// Row-grouped: m-tiles (swap-AB: token chunks) of an expert with r rows.
+template <class C>
+int expert_mtiles(int r) {
+  return C::SWAP ? swap_chunks(r, C::SWAP_N) : (r + C::BM - 1) / C::BM;
+}
+
 template <class C>
 long long count_tiles(const Problem& p) {
   long long nt = (p.n_out() + C::OUT_BN - 1) / C::OUT_BN;
   if (C::MODE == MODE_WGRAD) return (long long)p.E * ((p.p0 + C::BM - 1) / C::BM) * nt;
   long long mt = 0;
-  for (int c : p.counts) mt += C::SWAP ? swap_chunks(c, C::SWAP_N) : (c + C::BM - 1) / C::BM;
+  for (int c : p.counts) mt += expert_mtiles<C>(c);
   return mt * nt;
 }
 
+/// Forward/dgrad token map over A (dims `da`, row stride `sa`): boxes of 128 rows, or swap-AB's
+/// SWAP_BOX_ROWS; with SWAP_N = 272 also the same map with 16-row boxes into *tail (tokens
+/// 256..271 of a chunk).
 template <class C>
-int expert_mtiles(int r) {
-  return C::SWAP ? swap_chunks(r, C::SWAP_N) : (r + C::BM - 1) / C::BM;
+TmaDesc token_map(const Buffers& b, const uint64_t* da, const uint64_t* sa, TmaDesc* tail) {
+  uint32_t ba[2] = {64, C::SWAP ? (uint32_t)C::SWAP_BOX_ROWS : 128u};
+  if (C::SWAP && C::SWAP_N > 256) {
+    uint32_t bt[2] = {64, 16};
+    *tail = make_map(b.A, 2, da, sa, bt, C::IN_F16);
+  }
+  return make_map(b.A, 2, da, sa, ba, C::IN_F16);
 }
 
 template <class C>
@@ -303,12 +317,7 @@ GroupedGemmArgs prepare_variant(const Problem& p, const Buffers& b) {
     const int K = p.p0, N = p.p1;
     uint64_t da[2] = {(uint64_t)K, (uint64_t)b.a_rows_alloc};
     uint64_t sa[1] = {(uint64_t)K * 2};
-    uint32_t ba[2] = {64, C::SWAP ? (uint32_t)C::SWAP_BOX_ROWS : 128u};
-    g.a = make_map(b.A, 2, da, sa, ba, f16);
-    if (C::SWAP && C::SWAP_N > 256) {  // tokens 256..271 of a chunk: one box of 16 rows
-      uint32_t bt[2] = {64, 16};
-      g.c = make_map(b.A, 2, da, sa, bt, f16);
-    }
+    g.a = token_map<C>(b, da, sa, &g.c);
     const int P = C::EPI == EPI_SWIGLU ? 2 : 1;
     const uint64_t Nh = (uint64_t)N / P;
     uint64_t db[4] = {(uint64_t)K, Nh, (uint64_t)P, (uint64_t)p.E};
@@ -333,12 +342,7 @@ GroupedGemmArgs prepare_variant(const Problem& p, const Buffers& b) {
     const int N = p.p0, Ko = p.p1;
     uint64_t da[2] = {(uint64_t)N, (uint64_t)b.a_rows_alloc};
     uint64_t sa[1] = {(uint64_t)N * 2};
-    uint32_t ba[2] = {64, C::SWAP ? (uint32_t)C::SWAP_BOX_ROWS : 128u};
-    g.a = make_map(b.A, 2, da, sa, ba, f16);
-    if (C::SWAP && C::SWAP_N > 256) {  // tokens 256..271 of a chunk: one box of 16 rows
-      uint32_t bt[2] = {64, 16};
-      g.c = make_map(b.A, 2, da, sa, bt, f16);
-    }
+    g.a = token_map<C>(b, da, sa, &g.c);
     uint64_t db[3] = {(uint64_t)Ko, (uint64_t)N, (uint64_t)p.E};
     uint64_t sb[2] = {(uint64_t)Ko * 2, (uint64_t)N * Ko * 2};
     uint32_t bb[3] = {64, 64, 1};
@@ -457,30 +461,26 @@ static std::vector<Variant> all_variants() {
   T256(MODE_WGRAD, EPI_NONE, 1, 1, "t256h");
 #undef T256
   // swap-AB: weights on wgmma's M, tokens on N in chunks of <= 256 (multiples of 16)
-#define SWAPV(MODE, EPI, F16, H, NAME)                                                        \
+#define SWAPV(SN, MODE, EPI, F16, H, NAME)                                                    \
   v.push_back(make_variant<Config<MODE, 256, false, 4, EPI, F16, F16, 16, 1, H, false, false, \
-                                  false, 128, false, true>>(NAME))
-  SWAPV(MODE_FWD, EPI_NONE, false, 0, "swap");
-  SWAPV(MODE_FWD, EPI_NONE, false, 1, "swaph");
-  SWAPV(MODE_FWD, EPI_SWIGLU, false, 0, "swap");
-  SWAPV(MODE_FWD, EPI_SWIGLU, false, 1, "swaph");
-  SWAPV(MODE_FWD, EPI_GELU, false, 0, "swap");
-  SWAPV(MODE_FWD, EPI_NONE, true, 0, "swap");
-  SWAPV(MODE_DGRAD, EPI_NONE, false, 0, "swap");
-  SWAPV(MODE_DGRAD, EPI_NONE, false, 1, "swaph");
+                                  false, 128, false, true, SN>>(NAME))
+  SWAPV(256, MODE_FWD, EPI_NONE, false, 0, "swap");
+  SWAPV(256, MODE_FWD, EPI_NONE, false, 1, "swaph");
+  SWAPV(256, MODE_FWD, EPI_SWIGLU, false, 0, "swap");
+  SWAPV(256, MODE_FWD, EPI_SWIGLU, false, 1, "swaph");
+  SWAPV(256, MODE_FWD, EPI_GELU, false, 0, "swap");
+  SWAPV(256, MODE_FWD, EPI_NONE, true, 0, "swap");
+  SWAPV(256, MODE_DGRAD, EPI_NONE, false, 0, "swap");
+  SWAPV(256, MODE_DGRAD, EPI_NONE, false, 1, "swaph");
+  // chunks of up to 272 tokens (an expert of <= 272 rows reads its weights once)
+  SWAPV(272, MODE_FWD, EPI_NONE, false, 0, "swapw");
+  SWAPV(272, MODE_FWD, EPI_NONE, false, 1, "swapwh");
+  SWAPV(272, MODE_FWD, EPI_SWIGLU, false, 1, "swapwh");
+  SWAPV(272, MODE_FWD, EPI_GELU, false, 1, "swapwh");
+  SWAPV(272, MODE_FWD, EPI_NONE, true, 1, "swapwh");
+  SWAPV(272, MODE_DGRAD, EPI_NONE, false, 0, "swapw");
+  SWAPV(272, MODE_DGRAD, EPI_NONE, false, 1, "swapwh");
 #undef SWAPV
-  // swap-AB with chunks of up to 272 tokens (an expert of <= 272 rows reads its weights once)
-#define SWAPW(MODE, EPI, F16, H, NAME)                                                        \
-  v.push_back(make_variant<Config<MODE, 256, false, 4, EPI, F16, F16, 16, 1, H, false, false, \
-                                  false, 128, false, true, 272>>(NAME))
-  SWAPW(MODE_FWD, EPI_NONE, false, 0, "swapw");
-  SWAPW(MODE_FWD, EPI_NONE, false, 1, "swapwh");
-  SWAPW(MODE_FWD, EPI_SWIGLU, false, 1, "swapwh");
-  SWAPW(MODE_FWD, EPI_GELU, false, 1, "swapwh");
-  SWAPW(MODE_FWD, EPI_NONE, true, 1, "swapwh");
-  SWAPW(MODE_DGRAD, EPI_NONE, false, 0, "swapw");
-  SWAPW(MODE_DGRAD, EPI_NONE, false, 1, "swapwh");
-#undef SWAPW
   // weight gradients with the TMA-store epilogue
   v.push_back(make_variant<Config<MODE_WGRAD, 256, false, 3, EPI_NONE, false, false, 16, 1, 0, false, false, false, 128, true>>("ts256x3"));
   v.push_back(make_variant<Config<MODE_WGRAD, 256, false, 3, EPI_NONE, false, false, 16, 1, 1, false, false, false, 128, true>>("ts256h"));

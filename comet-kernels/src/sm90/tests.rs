@@ -8,7 +8,7 @@ use rand::{RngExt, SeedableRng};
 
 use super::*;
 use crate::buffer::{DType, DeviceTensor};
-use crate::cache::{Arch, KernelCache};
+use crate::cache::{Arch, Defines, KernelCache};
 use crate::device::Gpu;
 use crate::gemm::{Epilogue, GemmKind};
 
@@ -1213,38 +1213,34 @@ fn nvrtc_compiles_every_specialisation() {
     cache
         .cubin(&program(), &d, Arch::SM90)
         .expect("wgrad default");
-    // A wrong shared-memory mirror must fail to compile.
+    // These must fail to compile, with `why` in the error.
+    let refused = |d: &Defines, why: &str| {
+        let e = cache
+            .cubin(&program(), d, Arch::SM90)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(why), "{e}");
+    };
+    const SMEM_MISMATCH: &str = "Rust smem formula out of sync";
+    // A wrong shared-memory mirror.
     let mut d = Sm90Config::COOP_256.defines(GemmKind::Forward, Epilogue::None, false, false);
     d.insert("SM90_SMEM_ONE_EXPERT".into(), "1".into());
-    assert!(cache.cubin(&program(), &d, Arch::SM90).is_err());
+    refused(&d, SMEM_MISMATCH);
     // SM90_SWAP_N reaches the Config: without it the 272-row token stages do not match.
     let mut d = Sm90Config::SWAP_272H.defines(GemmKind::Forward, Epilogue::None, false, false);
     assert_eq!(d.remove("SM90_SWAP_N").as_deref(), Some("272"));
-    let e = cache
-        .cubin(&program(), &d, Arch::SM90)
-        .unwrap_err()
-        .to_string();
-    assert!(e.contains("Rust smem formula out of sync"), "{e}");
+    refused(&d, SMEM_MISMATCH);
     // SM90_BM reaches the Config: without it a 256x128 tile's smem mirror does not match
     // (128 x 128 tiles need less), and 256-row ping-pong tiles are rejected by config.cuh.
     let mut d = Sm90Config::TALL_256.defines(GemmKind::Forward, Epilogue::None, false, false);
     assert_eq!(d.remove("SM90_BM").as_deref(), Some("256"));
-    let e = cache
-        .cubin(&program(), &d, Arch::SM90)
-        .unwrap_err()
-        .to_string();
-    assert!(e.contains("Rust smem formula out of sync"), "{e}");
+    refused(&d, SMEM_MISMATCH);
     let pp = Sm90Config {
         bm: 256,
         ..Sm90Config::PINGPONG_128
     };
-    let d = pp.defines(GemmKind::Forward, Epilogue::None, false, false);
-    let e = cache
-        .cubin(&program(), &d, Arch::SM90)
-        .unwrap_err()
-        .to_string();
-    assert!(
-        e.contains("BM is 128, or 256 with the cooperative schedule"),
-        "{e}"
+    refused(
+        &pp.defines(GemmKind::Forward, Epilogue::None, false, false),
+        "BM is 128, or 256 with the cooperative schedule",
     );
 }
